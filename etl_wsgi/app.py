@@ -1,0 +1,54 @@
+"""``create_app``: the gunicorn entry point.
+
+    gunicorn -c gunicorn.conf.py 'etl_wsgi.app:create_app("pkg.mod:Class")'
+
+gunicorn imports this in each worker *after* gevent has patched the standard library, so the
+outbound session built here is cooperative.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from werkzeug.utils import ImportStringError, import_string
+
+from etl_wsgi.base_etl_server import ETLServer
+from etl_wsgi.config import ConfigError, Settings
+from etl_wsgi.extension import ETLExtension
+
+
+def resolve_etl(etl: Any = None) -> ETLServer:
+    """An ``ETLServer`` instance from a subclass, an instance, or ``"pkg.mod:Class"``.
+
+    ``None`` reads the ``ETL_CLASS`` setting.  A string may also name a module-level instance.
+    """
+    if etl is None:
+        etl = Settings.from_env(require_target=False).etl_class
+        if not etl:
+            raise ConfigError(
+                "No ETL class given: call create_app(MyETL) / create_app('pkg.mod:MyETL') "
+                "or set ETL_CLASS=pkg.mod:MyETL"
+            )
+    if isinstance(etl, str):
+        try:
+            etl = import_string(etl.strip())
+        except ImportStringError as exc:
+            raise ConfigError(f"Cannot import ETL class {etl!r}: {exc.exception}") from exc
+    if isinstance(etl, type) and issubclass(etl, ETLServer):
+        return etl()
+    if isinstance(etl, ETLServer):
+        return etl
+    raise TypeError(f"{etl!r} is not an ETLServer subclass or instance")
+
+
+def create_app(etl: Any = None) -> Flask:
+    """A Flask app serving one ETL at the root (``/health``, ``GET|PUT /<path>``)."""
+    from etl_wsgi.flask_server import FlaskServer
+
+    server = resolve_etl(etl)
+    if isinstance(server, FlaskServer):
+        return server.app
+    app = Flask("etl_wsgi")
+    ETLExtension(app, server)
+    return app

@@ -1,0 +1,100 @@
+"""Flask adapter: ``flask.request`` -> ``ParsedRequest`` -> ``handle()`` -> ``flask.Response``.
+
+Routes (PROTOCOL.md §2.1): ``GET /health``, ``GET|PUT /<path>``.  Errors are mapped to the wire in
+:func:`error_response`, the one table of PROTOCOL.md §7 (JSON ``{"error": "..."}`` bodies).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException
+
+from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
+from etl_wsgi.errors import ETLError
+from etl_wsgi.handler import Reply, handle
+from etl_wsgi.protocol import ParsedRequest, redact_secret
+
+if TYPE_CHECKING:
+    from etl_wsgi.base_etl_server import ETLServer
+
+
+def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
+    """A blueprint serving ``etl``: health, and transform on every other path."""
+    bp = Blueprint(name, __name__)
+
+    def health() -> Response:
+        return Response(HEALTH_BODY, status=HTTPStatus.OK, content_type="text/plain")
+
+    def transform(path: str = "") -> Response:
+        req = ParsedRequest(
+            method=request.method,
+            path=path,
+            etl_args=request.args.get(QPARAM_ETL_ARGS, "").strip(),
+            fqn=request.args.get(QPARAM_ETL_FQN, "").strip(),
+            node_url=request.headers.get(HEADER_NODE_URL, ""),
+        )
+        return to_response(handle(etl, req, request.stream))
+
+    def on_etl_error(exc: ETLError) -> Response:
+        return error_response(etl, exc)
+
+    def on_unexpected(exc: Exception) -> Response | HTTPException:
+        if isinstance(exc, HTTPException):  # routing, 405, 413...: Werkzeug's own answer
+            return exc
+        etl.logger.error(
+            "%s %r: unexpected error: %s", request.method, request.path, exc, exc_info=exc
+        )
+        return error_response(etl, ETLError(f"{type(exc).__name__}: {exc}"))
+
+    # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
+    bp.add_url_rule("/health", "health", health, methods=["GET"])
+    bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
+    bp.add_url_rule(
+        "/<path:path>", "transform", transform, methods=["GET", "PUT"], merge_slashes=False
+    )
+    bp.register_error_handler(ETLError, on_etl_error)
+    bp.register_error_handler(Exception, on_unexpected)
+    return bp
+
+
+def to_response(reply: Reply) -> Response:
+    """A :class:`Reply` as a Flask response; an iterable body streams (chunked, §2.7)."""
+    return Response(
+        reply.body,
+        status=reply.status,
+        headers=dict(reply.headers),
+        content_type=reply.content_type,
+        direct_passthrough=not isinstance(reply.body, bytes),
+    )
+
+
+def error_response(etl: ETLServer, exc: ETLError) -> Response:
+    """The one mapping of errors to the wire (PROTOCOL.md §7), logged once with path and cause.
+
+    The per-ETL secret of ``AIS_TARGET_URL`` is redacted: error bodies end up in AIS job errors.
+    """
+    message = redact_secret(exc.message, etl.host_target)
+    level = etl.logger.error if exc.status >= 500 else etl.logger.warning
+    cause = exc.__cause__
+    level(
+        "%s %r -> %d: %s%s",
+        request.method,
+        request.path,
+        exc.status,
+        message,
+        f" (cause: {type(cause).__name__})" if cause is not None else "",
+    )
+    body = json.dumps({"error": message}).encode()
+    return Response(body, status=exc.status, headers=exc.headers, content_type="application/json")
+
+
+def blueprint_name(url_prefix: str | None) -> str:
+    """A blueprint name unique per mount point, so two ETLs can live in one app."""
+    if not url_prefix or url_prefix == "/":
+        return "etl_wsgi"
+    return "etl_wsgi_" + re.sub(r"\W", "_", url_prefix.strip("/"))

@@ -1,0 +1,29 @@
+"""Wire names of the AIS ETL protocol (PROTOCOL.md §0, §2.4, §4, §6.2), in one place.
+
+Same names and values as ``aistore.sdk.const`` so ported code reads the same.
+"""
+
+from __future__ import annotations
+
+HEADER_NODE_URL = "Ais-Node-Url"
+HEADER_DIRECT_PUT_LENGTH = "Ais-Direct-Put-Length"
+HEADER_ETL_RETRY_REASON = "Ais-Etl-Retry-Reason"
+HEADER_AUTHORIZATION = "Authorization"
+ETL_RETRY_REASON_DIRECT_PUT_TRANSIENT = "direct-put-transient"
+
+QPARAM_ETL_ARGS = "etl_args"
+QPARAM_ETL_FQN = "etl_fqn"
+
+ETL_WS_FQN = "fqn"
+ETL_WS_PATH = "path"
+ETL_WS_ETL_ARGS = "etl_args"
+ETL_WS_PIPELINE = "pipeline"
+
+HEALTH_BODY = b"Running"
+DEFAULT_MIME_TYPE = "application/octet-stream"
+
+#: Retry backoff of the direct-put loop: ``min(BASE ** attempt, MAX)`` seconds (PROTOCOL.md §4.4).
+RETRY_BACKOFF_BASE = 2.0
+RETRY_BACKOFF_MAX = 30.0
+#: Read size when draining an unread request body (PROTOCOL.md §5).
+DRAIN_CHUNK_BYTES = 65536

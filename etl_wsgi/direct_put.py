@@ -1,0 +1,260 @@
+"""Outbound side: the session, the one retry loop of direct put, and its result (PROTOCOL.md §4).
+
+Why an explicit urllib3 policy: a ``requests`` adapter built with no policy retries PUTs three
+times on its own (PROTOCOL.md §9.2 #5), before any backoff, and could re-send a half-consumed
+streaming body.  Here urllib3 never retries (``Retry(total=0)``); :func:`deliver` is the only
+loop, and it knows whether the input can be produced again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Union
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.util.retry import Retry
+
+from etl_wsgi.config import Settings
+from etl_wsgi.const import (
+    HEADER_AUTHORIZATION,
+    HEADER_DIRECT_PUT_LENGTH,
+    HEADER_NODE_URL,
+    RETRY_BACKOFF_BASE,
+    RETRY_BACKOFF_MAX,
+)
+from etl_wsgi.errors import (
+    DirectPutError,
+    DirectPutRefusedError,
+    ETLDirectPutTransientError,
+    ETLError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Transient ``requests`` errors a sync server retries (PROTOCOL.md §8.1): the connection was lost
+#: before a complete response. Refused connections are split off by :func:`_is_connection_refused`.
+SYNC_DIRECT_PUT_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+#: Also retried here (the SDK answers 500): a next hop that stalls past the read timeout.
+_RETRIED_ERRORS: tuple[type[Exception], ...] = (*SYNC_DIRECT_PUT_TRANSIENT_ERRORS, requests.Timeout)
+
+#: urllib3 never retries on its own: no hidden re-send of a PUT body (PROTOCOL.md §9.2 #5).
+NO_HIDDEN_RETRIES = Retry(total=0, redirect=False, raise_on_status=False)
+
+
+def build_session(settings: Settings) -> requests.Session:
+    """The worker's outbound session: TLS and token from settings, explicit retry policy, pooling.
+
+    ``trust_env`` is off: proxy variables must not reroute intra-cluster traffic, and looking
+    them up costs time on every request.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    adapter = HTTPAdapter(
+        pool_connections=16,
+        pool_maxsize=settings.pool_maxsize,
+        max_retries=NO_HIDDEN_RETRIES,
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if settings.skip_verify:
+        session.verify = False
+    elif settings.client_ca:
+        session.verify = settings.client_ca
+    if settings.client_crt and settings.client_crt_key:
+        session.cert = (settings.client_crt, settings.client_crt_key)
+    if settings.authn_token:
+        session.headers[HEADER_AUTHORIZATION] = f"Bearer {settings.authn_token}"
+    return session
+
+
+def _is_connection_refused(exc: BaseException) -> bool:
+    """True iff ``exc`` is ``ConnectionError(MaxRetryError(NewConnectionError))`` caused by refusal.
+
+    urllib3 1.x sets only ``__context__`` on the ``NewConnectionError``; 2.x sets ``__cause__``;
+    both are checked (PROTOCOL.md §9.2 #1).
+    """
+    inner = exc.args[0] if exc.args else None
+    if not isinstance(inner, MaxRetryError):
+        return False
+    reason = inner.reason
+    if not isinstance(reason, NewConnectionError):
+        return False
+    cause = reason.__cause__ or reason.__context__
+    return isinstance(cause, ConnectionRefusedError)
+
+
+def _handle_direct_put_transient_error(
+    direct_put_url: str, exc: Exception, logger: logging.Logger
+) -> tuple[int, bytes, int]:
+    """SDK-compatible classification of a transient error (PROTOCOL.md §8.1, §4.4).
+
+    Refused -> ``(502, message, 0)`` (permanent: nobody listens there);
+    anything else -> raises :class:`ETLDirectPutTransientError` for the retry loop.
+    """
+    if isinstance(exc, requests.ConnectionError) and _is_connection_refused(exc):
+        error = f"direct_put to {direct_put_url!r} failed: {type(exc).__name__}: {exc}"
+        logger.error("Permanent connection error to %s: %s", direct_put_url, exc)
+        return HTTPStatus.BAD_GATEWAY, error.encode(), 0
+    raise ETLDirectPutTransientError(direct_put_url, exc) from exc
+
+
+class CountingIterator:
+    """Iterates ``inner`` and counts the bytes it yielded in ``bytes_sent`` (PROTOCOL.md §4.3, §5).
+
+    Used as a chunked PUT body: the count is the ``Ais-Direct-Put-Length`` of a streamed object.
+    """
+
+    def __init__(self, inner: Iterable[bytes]) -> None:
+        self._inner = inner
+        self.bytes_sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self.bytes_sent += len(chunk)
+            yield chunk
+
+
+@dataclass(frozen=True)
+class DirectPutResult:
+    """What the next hop said, already mapped to our answer to the caller (PROTOCOL.md §4.3)."""
+
+    status: int
+    body: bytes = b""
+    delivered: int = 0
+    content_type: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Ais-Direct-Put-Length`` on a delivered (204) result, omitted when 0."""
+        if self.status == HTTPStatus.NO_CONTENT and self.delivered:
+            return {HEADER_DIRECT_PUT_LENGTH: str(self.delivered)}
+        return {}
+
+
+def interpret_response(resp: requests.Response, sent: int) -> DirectPutResult:
+    """Map the next hop's reply (PROTOCOL.md §4.3).
+
+    204 -> delivered downstream, length from its header; 200 with a body -> the last stage's
+    output, travels back; 200 empty -> the destination target stored ``sent`` bytes; anything
+    else -> passed through with the body verbatim.  (The known wart: an empty transform result
+    from a last stage looks like "delivered".)
+    """
+    content_type = resp.headers.get("Content-Type")
+    if resp.status_code == HTTPStatus.NO_CONTENT:
+        return DirectPutResult(HTTPStatus.NO_CONTENT, delivered=_int_header(resp))
+    content = resp.content
+    if resp.status_code == HTTPStatus.OK:
+        if content:
+            return DirectPutResult(HTTPStatus.OK, content, content_type=content_type)
+        return DirectPutResult(HTTPStatus.NO_CONTENT, delivered=sent)
+    return DirectPutResult(resp.status_code, content, content_type=content_type)
+
+
+def _int_header(resp: requests.Response) -> int:
+    try:
+        return max(0, int(resp.headers.get(HEADER_DIRECT_PUT_LENGTH, "0")))
+    except ValueError:
+        return 0
+
+
+Body = Union[bytes, CountingIterator]  # noqa: UP007 - runtime alias, Python 3.10
+
+
+@dataclass
+class Attempt:
+    """The body of one attempt, and what to close once it is over (readers, generators)."""
+
+    body: Body
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return len(self.body) if isinstance(self.body, bytes) else self.body.bytes_sent
+
+    def close(self) -> None:
+        for closer in self.closers:
+            try:
+                closer()
+            except Exception:  # a failing close must not hide the put's outcome
+                log.warning("closing direct-put input failed", exc_info=True)
+
+
+#: ``send(url, body, headers)``: ``ETLServer.client_put``.
+Send = Callable[..., requests.Response]
+
+
+def deliver(
+    send: Send,
+    url: str,
+    hop: str,
+    remaining: str,
+    make_attempt: Callable[[], Attempt],
+    *,
+    retries: int,
+    replayable: bool,
+    logger: logging.Logger = log,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DirectPutResult:
+    """The one direct-put retry loop (PROTOCOL.md §4.4).
+
+    ``make_attempt`` produces the body afresh for every attempt (bytes in memory, or a re-opened
+    source through a new ``transform_stream``).  Transient failures are retried ``retries`` times
+    with backoff ``min(2**n, 30)`` s when the input is ``replayable``; a one-shot input gets no
+    local retry and bails with ``503`` + retry reason so the target replays the PUT; exhaustion
+    answers ``502``; a refused connection answers ``502`` at once.  Error texts name ``hop``
+    (never ``url``, which holds the per-ETL secret).
+    """
+    headers = {HEADER_NODE_URL: remaining} if remaining else {}
+    budget = retries if replayable else 0
+    for attempt_no in range(budget + 1):
+        attempt = make_attempt()
+        try:
+            return _send_once(send, url, hop, headers, attempt)
+        except ETLDirectPutTransientError as exc:
+            if attempt_no >= budget:
+                exc.bail_without_local_retry = not replayable
+                raise
+            delay = min(RETRY_BACKOFF_BASE**attempt_no, RETRY_BACKOFF_MAX)
+            logger.warning(
+                "direct put to %s: attempt %d/%d failed, retrying in %.1fs: %s",
+                hop,
+                attempt_no + 1,
+                budget + 1,
+                delay,
+                exc.cause,
+            )
+        finally:
+            attempt.close()
+        sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _send_once(
+    send: Send, url: str, hop: str, headers: Mapping[str, str], attempt: Attempt
+) -> DirectPutResult:
+    try:
+        resp = send(url, attempt.body, headers)
+        try:
+            return interpret_response(resp, attempt.sent)
+        finally:
+            resp.close()
+    except ETLError:
+        raise  # the transform failed while producing the body, or a nested typed error
+    except _RETRIED_ERRORS as exc:
+        if isinstance(exc, requests.ConnectionError) and _is_connection_refused(exc):
+            raise DirectPutRefusedError(
+                f"direct_put to {hop!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        raise ETLDirectPutTransientError(hop, exc) from exc
+    except Exception as exc:
+        raise DirectPutError(f"direct_put to {hop!r} failed: {type(exc).__name__}: {exc}") from exc

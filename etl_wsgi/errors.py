@@ -1,0 +1,135 @@
+"""Exceptions that carry their HTTP answer.
+
+Every failure the request flow can report is one of these classes; each carries its status, extra
+headers and message, so the adapters (Flask blueprint, later WebSocket) map them to the wire in one
+place (:func:`etl_wsgi.blueprint.error_response`).  The table is PROTOCOL.md §7.
+
+Pure module: imports neither Flask nor requests.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from etl_wsgi.const import ETL_RETRY_REASON_DIRECT_PUT_TRANSIENT, HEADER_ETL_RETRY_REASON
+
+
+class ETLError(Exception):
+    """Base of all errors answered to the caller. ``status``/``headers`` say how."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+    @property
+    def message(self) -> str:
+        """Text of the JSON ``{"error": ...}`` body."""
+        return str(self)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
+
+class InvalidPipelineError(ETLError, ValueError):
+    """Malformed ``Ais-Node-Url`` header -> 400 (PROTOCOL.md §4.1, §7)."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+    @property
+    def message(self) -> str:
+        return f"Invalid pipeline header: {self}"
+
+
+class BadRequestError(ETLError):
+    """Request the server cannot act on (malformed parameter) -> 400."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class ObjectNotFoundError(ETLError):
+    """``etl_fqn`` names no readable file -> 404 (PROTOCOL.md §3, §7)."""
+
+    status = HTTPStatus.NOT_FOUND
+
+    def __init__(self, obj_path: str, fs_path: str) -> None:
+        super().__init__(f"Error processing object {obj_path!r}: file not found at {fs_path!r}.")
+
+
+class FileAccessError(ETLError):
+    """``etl_fqn`` exists but cannot be read (permissions) -> 403."""
+
+    status = HTTPStatus.FORBIDDEN
+
+
+class UpstreamStatusError(ETLError):
+    """The target answered our GET with a non-2xx status: forward that status (PROTOCOL.md §2.6)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__("Target request failed", status=status)
+
+
+class UpstreamNetworkError(ETLError):
+    """The GET to the target failed on the network -> 502 (PROTOCOL.md §2.6, §7)."""
+
+    status = HTTPStatus.BAD_GATEWAY
+
+
+class TransformError(ETLError):
+    """The user's transform raised -> 500 with the exception text (PROTOCOL.md §7)."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class DirectPutRefusedError(ETLError):
+    """The next hop refused the connection: permanent, not retried -> 502 (PROTOCOL.md §4.4)."""
+
+    status = HTTPStatus.BAD_GATEWAY
+
+
+class DirectPutError(ETLError):
+    """A non-transient failure while sending to the next hop -> 500 (PROTOCOL.md §4.3)."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class ETLDirectPutTransientError(ETLError):
+    """A direct put failed with a transient network error (PROTOCOL.md §4.4).
+
+    Raised by one attempt; the retry loop retries it while the source is replayable.  When it
+    escapes to the caller: ``bail_without_local_retry`` (one-shot streaming body, no local retry
+    possible) -> ``503`` + ``Ais-Etl-Retry-Reason: direct-put-transient`` so the target replays the
+    whole PUT; otherwise (local retries exhausted) -> ``502``.
+    """
+
+    def __init__(
+        self, url: str, cause: BaseException, bail_without_local_retry: bool = False
+    ) -> None:
+        self.url = url
+        self.cause = cause
+        self.bail_without_local_retry = bail_without_local_retry
+        super().__init__(
+            f"direct_put to {url!r} failed with transient error: {type(cause).__name__}({cause})"
+        )
+
+    @property
+    def status(self) -> int:  # type: ignore[override]
+        if self.bail_without_local_retry:
+            return HTTPStatus.SERVICE_UNAVAILABLE
+        return HTTPStatus.BAD_GATEWAY
+
+    @property
+    def message(self) -> str:
+        if self.bail_without_local_retry:
+            return f"Direct put bailed (one-shot body): {self}"
+        return f"Direct put failed after retries: {self}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.bail_without_local_retry:
+            return {HEADER_ETL_RETRY_REASON: ETL_RETRY_REASON_DIRECT_PUT_TRANSIENT}
+        return {}

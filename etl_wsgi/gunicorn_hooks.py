@@ -1,0 +1,96 @@
+"""Process-level side effects for the gunicorn entry point, used by ``gunicorn.conf.py``.
+
+Runs in the gunicorn **master**, before gevent patches the workers: it imports only
+:mod:`etl_wsgi.config` (pure) and the standard library - never ``requests``, Flask or the user's
+class (PROTOCOL.md §9.2 #6 for the open-files limit; STYLE.md "side effects live in hooks").
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+from typing import Any
+
+from etl_wsgi.config import ConfigError, Settings
+
+log = logging.getLogger("etl_wsgi")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+
+def _settings(require_target: bool) -> Settings:
+    try:
+        return Settings.from_env(require_target=require_target)
+    except ConfigError as exc:
+        # SystemExit passes through gunicorn's config loader and hook runner: one clear line.
+        print(f"etl-wsgi: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def config_values() -> dict[str, Any]:
+    """gunicorn settings from the environment, for ``globals().update(...)`` in gunicorn.conf.py."""
+    s = _settings(require_target=False)
+    values: dict[str, Any] = {
+        "bind": [s.bind],
+        "workers": s.workers,
+        "worker_class": "gevent",
+        "worker_connections": s.worker_connections,
+        "timeout": s.worker_timeout,
+        "graceful_timeout": s.graceful_timeout,
+        "keepalive": s.keepalive,
+        "loglevel": s.log_level.lower(),
+        "accesslog": None,
+        "errorlog": "-",
+    }
+    if s.control_socket:
+        values["control_socket"] = s.control_socket
+    else:
+        values["control_socket_disable"] = True
+    return values
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the open-files soft limit to the hard limit (CRI-O defaults soft to 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
+            return soft, hard
+    return hard, hard
+
+
+def configure_logging(level: str) -> None:
+    """Plain logs to stderr for the library and the transformer's ``self.logger``."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def on_starting(server: Any) -> None:
+    """Master, once: validate every setting (AIS_TARGET_URL included), logging, rlimit."""
+    s = _settings(require_target=True)
+    configure_logging(s.log_level)
+    soft, _ = raise_nofile_limit()
+    log.info(
+        "etl-wsgi: %d gevent worker(s) x %d connections, timeout %ds, keep-alive %ds, nofile %d",
+        s.workers,
+        s.worker_connections,
+        s.worker_timeout,
+        s.keepalive,
+        soft,
+    )
+
+
+def when_ready(server: Any) -> None:
+    """Master: warn if anything pulled ``requests`` in before the workers fork and patch."""
+    if "requests" in sys.modules:
+        log.warning(
+            "etl-wsgi: 'requests' was imported in the gunicorn master (preload_app?); "
+            "gevent patches it too late in the workers"
+        )

@@ -1,0 +1,210 @@
+"""Where the input bytes of one object come from (PROTOCOL.md §2.2, §2.3, §2.6, §3, §5).
+
+* :class:`FileSource` - ``etl_fqn``: the object's file on the target's (read-only) mount.
+* :class:`UpstreamSource` - hpull without ``etl_fqn``: a GET back to the target.
+* :class:`BodySource` - hpush / pipeline hop: the request body.
+
+Each source maps its own I/O failures to :mod:`etl_wsgi.errors` at this boundary, so the
+request flow never sees an ``OSError`` or a ``requests`` exception from input handling.
+A source says whether it can be re-opened (``replayable``): the direct-put retry loop only
+retries a streaming put whose input can be produced again (PROTOCOL.md §4.4).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import IO, TYPE_CHECKING
+
+import requests
+
+from etl_wsgi.const import DRAIN_CHUNK_BYTES
+from etl_wsgi.errors import (
+    BadRequestError,
+    FileAccessError,
+    ObjectNotFoundError,
+    UpstreamNetworkError,
+    UpstreamStatusError,
+)
+from etl_wsgi.protocol import ParsedRequest, sanitize_fqn, upstream_object_url
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Source:
+    """Input of one object. ``open()`` gives a binary reader the caller must close."""
+
+    replayable = True
+
+    def read_all(self) -> bytes:
+        with self.open() as reader:
+            return reader.read()
+
+    def open(self) -> IO[bytes]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FileSource(Source):
+    """The object file named by ``etl_fqn`` (PROTOCOL.md §3). Re-openable, so replayable."""
+
+    def __init__(self, fqn: str, obj_path: str) -> None:
+        self.fs_path = sanitize_fqn(fqn)
+        self.obj_path = obj_path
+
+    def check(self) -> str:
+        """Stat without reading, for ``ETL_DIRECT_FQN`` (transform opens the file itself)."""
+        self._guard(os.stat)
+        if not os.path.isfile(self.fs_path):
+            raise ObjectNotFoundError(self.obj_path, self.fs_path)
+        return self.fs_path
+
+    def open(self) -> IO[bytes]:
+        return self._guard(lambda path: open(path, "rb"))
+
+    def _guard(self, fn: Callable[[str], object]):  # type: ignore[no-untyped-def]
+        try:
+            return fn(self.fs_path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(self.obj_path, self.fs_path) from None
+        except PermissionError:
+            raise FileAccessError(
+                f"Error processing object {self.obj_path!r}: permission denied at {self.fs_path!r}."
+            ) from None
+        except ValueError as exc:  # embedded NUL byte
+            raise BadRequestError(f"Invalid etl_fqn {self.fs_path!r}: {exc}") from None
+        except OSError as exc:  # name too long, I/O error...
+            raise BadRequestError(
+                f"Error processing object {self.obj_path!r}: cannot open {self.fs_path!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+
+class UpstreamSource(Source):
+    """GET ``AIS_TARGET_URL/<escaped path>`` (§2.6): non-2xx -> same status, network -> 502."""
+
+    def __init__(
+        self, session: requests.Session, host_target: str, path: str, timeout: tuple[float, float]
+    ) -> None:
+        self.session = session
+        self.url = upstream_object_url(host_target, path)
+        self.timeout = timeout
+
+    def _get(self, *, stream: bool) -> requests.Response:
+        try:
+            resp = self.session.get(
+                self.url, stream=stream, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            raise UpstreamNetworkError(f"Network error: {type(exc).__name__}: {exc}") from exc
+        if not 200 <= resp.status_code < 300:
+            resp.close()
+            raise UpstreamStatusError(resp.status_code)
+        return resp
+
+    def read_all(self) -> bytes:
+        with self._get(stream=False) as resp:
+            return resp.content
+
+    def open(self) -> IO[bytes]:
+        return ResponseReader(self._get(stream=True))  # type: ignore[return-value]
+
+
+class BodySource(Source):
+    """The request body. One-shot: it comes off the socket once, so not replayable (§4.4)."""
+
+    replayable = False
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+
+    def read_all(self) -> bytes:
+        return self.stream.read()
+
+    def open(self) -> IO[bytes]:
+        return DrainingReader(self.stream)  # type: ignore[return-value]
+
+
+def select_source(
+    req: ParsedRequest,
+    body: IO[bytes],
+    *,
+    session: requests.Session,
+    host_target: str,
+    timeout: tuple[float, float],
+) -> Source:
+    """FQN wins over a body (§3); a GET without FQN fetches from the target (§2.6)."""
+    if req.fqn:
+        return FileSource(req.fqn, req.path)
+    if req.is_get:
+        return UpstreamSource(session, host_target, req.path, timeout)
+    return BodySource(body)
+
+
+class _DelegatingReader(io.RawIOBase):
+    """Binary reader over an object with ``read(size)``; subclasses decide what ``close()`` does."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from closed reader")
+        if size is None or size < 0:
+            return self._inner.read()
+        return self._inner.read(size)
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class DrainingReader(_DelegatingReader):
+    """Request-body reader that drains what the transform left unread when closed (§5, §9.2 #3).
+
+    A streaming transform may stop reading early; the unread rest of the body would otherwise sit
+    on the keep-alive connection in front of the next request.
+    """
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            while True:
+                try:
+                    chunk = self._inner.read(DRAIN_CHUNK_BYTES)
+                except (OSError, ValueError):
+                    break
+                if not chunk:
+                    break
+        finally:
+            super().close()
+
+
+class ResponseReader(_DelegatingReader):
+    """Reader over a streamed upstream response whose ``close()`` closes the *response*.
+
+    Closing only ``resp.raw`` does not return the connection to the pool (PROTOCOL.md §9.2 #2).
+    """
+
+    def __init__(self, response: requests.Response) -> None:
+        super().__init__(response.raw)  # type: ignore[arg-type]
+        self._response = response
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._response.close()
+            finally:
+                super().close()
