@@ -1,0 +1,251 @@
+"""A fake AIS target / next ETL stage: a threaded HTTP/1.1 server on 127.0.0.1.
+
+It serves objects to GETs, records every request (method, raw path, query, headers, body), and
+answers PUTs from a script of behaviours so tests can make the next hop refuse, reset mid-body,
+close without replying, stall, or answer any status.
+
+    with FakeTarget() as t:
+        t.objects["/v1/etl/_object/etl-upper/s3cr3tABCD/ais%2F@%23%2Fsrc%2Fhello.txt"] = b"hello"
+        t.script = [CloseAfterBody(), Reply(200)]     # first PUT dropped, second stored
+        ...
+        t.wait_for(2)                                 # bounded wait for 2 recorded requests
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+SECRET_PATH = "/v1/etl/_object/etl-upper/s3cr3tABCD"
+
+
+@dataclass
+class Recorded:
+    method: str
+    raw_path: str  # as on the request line, query included
+    path: str  # request-line path without the query, still escaped
+    query: list[tuple[str, str]]
+    headers: dict[str, str]  # last value per name, names as sent
+    body: bytes
+    chunked: bool
+    at: float = field(default_factory=time.monotonic)
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers.items():
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+# ---- behaviours ------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """Read the whole body, answer ``status`` with ``body`` and ``headers``."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CloseAfterBody:
+    """Read the whole body, then close the connection without any reply."""
+
+
+@dataclass
+class ResetMidBody:
+    """Read ``after`` bytes of the body (at least one chunk), then reset the connection (RST)."""
+
+    after: int = 1
+
+
+@dataclass
+class ResetBeforeBody:
+    """Reset right after the request headers, reading no body."""
+
+
+@dataclass
+class Stall:
+    """Read the body, then wait ``seconds`` (or until the test closes the target), no reply."""
+
+    seconds: float = 30.0
+
+
+@dataclass
+class Truncated:
+    """Read the body, announce ``Content-Length: declared`` but send only ``body``, then close."""
+
+    status: int = 200
+    body: bytes = b"partial"
+    declared: int = 1000
+
+
+class FakeTarget:
+    """See module doc. ``script`` is consumed by PUTs in order; ``default`` answers afterwards."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.get_status: dict[str, int] = {}
+        self.script: list[object] = []
+        self.default: object = Reply(200)
+        self.requests: list[Recorded] = []
+        self._cond = threading.Condition()
+        self._closing = threading.Event()
+        target = self
+
+        class Handler(_Handler):
+            fake = target
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    # recorded traffic
+    def record(self, rec: Recorded) -> None:
+        with self._cond:
+            self.requests.append(rec)
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[Recorded]:
+        """Block until ``n`` requests were recorded (bounded by ``timeout``)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: len(self.requests) >= n, timeout=timeout)
+            if not ok:
+                raise AssertionError(f"expected {n} requests, saw {len(self.requests)}")
+            return list(self.requests)
+
+    @property
+    def puts(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "PUT"]
+
+    def next_behaviour(self) -> object:
+        with self._cond:
+            return self.script.pop(0) if self.script else self.default
+
+    def close(self) -> None:
+        self._closing.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeTarget
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    # -- body reading
+    def _read_body(self, limit: int | None = None) -> tuple[bytes, bool]:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._read_chunked(limit), True
+        length = int(self.headers.get("Content-Length") or 0)
+        if limit is not None:
+            length = min(length, limit)
+        return self.rfile.read(length), False
+
+    def _read_chunked(self, limit: int | None) -> bytes:
+        out = bytearray()
+        while True:
+            size_line = self.rfile.readline(1024)
+            if not size_line:
+                break
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            out += self.rfile.read(size)
+            self.rfile.readline(1024)
+            if limit is not None and len(out) >= limit:
+                break
+        return bytes(out)
+
+    def _record(self, body: bytes, chunked: bool) -> None:
+        parts = urlsplit(self.path)
+        self.fake.record(
+            Recorded(
+                method=self.command,
+                raw_path=self.path,
+                path=parts.path,
+                query=parse_qsl(parts.query, keep_blank_values=True),
+                headers=dict(self.headers.items()),
+                body=body,
+                chunked=chunked,
+            )
+        )
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _reset(self) -> None:
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+    # -- methods
+    def do_GET(self) -> None:
+        body, chunked = self._read_body()
+        self._record(body, chunked)
+        path = urlsplit(self.path).path
+        status = self.fake.get_status.get(path)
+        if status is not None:
+            self._send(status, b"error from fake target")
+        elif path in self.fake.objects:
+            self._send(200, self.fake.objects[path])
+        else:
+            self._send(404, b"not found")
+
+    def do_PUT(self) -> None:
+        behaviour = self.fake.next_behaviour()
+        if isinstance(behaviour, ResetBeforeBody):
+            self._record(b"", False)
+            self._reset()
+            return
+        if isinstance(behaviour, ResetMidBody):
+            body, chunked = self._read_body(limit=behaviour.after)
+            self._record(body, chunked)
+            self._reset()
+            return
+        body, chunked = self._read_body()
+        self._record(body, chunked)
+        if isinstance(behaviour, Reply):
+            self._send(behaviour.status, behaviour.body, behaviour.headers)
+        elif isinstance(behaviour, CloseAfterBody):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif isinstance(behaviour, Stall):
+            self.fake._closing.wait(behaviour.seconds)
+            self.close_connection = True
+        elif isinstance(behaviour, Truncated):
+            self.send_response(behaviour.status)
+            self.send_header("Content-Length", str(behaviour.declared))
+            self.end_headers()
+            self.wfile.write(behaviour.body)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:  # pragma: no cover
+            raise AssertionError(f"unknown behaviour {behaviour!r}")
