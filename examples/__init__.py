@@ -1,0 +1,1 @@
+"""Bundled example transformers (importable as ``examples.<module>:<Class>`` from the repo root)."""
