@@ -39,6 +39,9 @@ def config_values() -> dict[str, Any]:
         "timeout": s.worker_timeout,
         "graceful_timeout": s.graceful_timeout,
         "keepalive": s.keepalive,
+        # gunicorn's maximum: an hpush request line carries the object name twice (path and the
+        # doubly-escaped etl_fqn), which long names push past the 4094 default.
+        "limit_request_line": 8190,
         "loglevel": s.log_level.lower(),
         "accesslog": None,
         "errorlog": "-",

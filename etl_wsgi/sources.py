@@ -122,7 +122,12 @@ class BodySource(Source):
         self.stream = stream
 
     def read_all(self) -> bytes:
-        return self.stream.read()
+        try:
+            return self.stream.read()
+        except (OSError, ValueError) as exc:  # client gone mid-body, bad chunk framing
+            raise BadRequestError(
+                f"Request body could not be read: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def open(self) -> IO[bytes]:
         return DrainingReader(self.stream)  # type: ignore[return-value]
