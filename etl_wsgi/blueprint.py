@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
 from etl_wsgi.errors import ETLError
-from etl_wsgi.handler import Reply, handle
+from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest, redact_secret
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
             fqn=request.args.get(QPARAM_ETL_FQN, "").strip(),
             node_url=request.headers.get(HEADER_NODE_URL, ""),
         )
-        return to_response(handle(etl, req, request.stream))
+        return to_response(handle(etl, req, http_source(etl, req, request.stream)))
 
     def on_etl_error(exc: ETLError) -> Response:
         return error_response(etl, exc)

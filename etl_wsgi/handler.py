@@ -35,16 +35,20 @@ class Reply:
     content_type: str | None = None
 
 
-def handle(etl: ETLServer, req: ParsedRequest, body: IO[bytes]) -> Reply:
-    """Transform one object and answer, or deliver it to the next hop (§4)."""
-    pipeline = parse_pipeline(req.node_url)
-    source = select_source(
+def http_source(etl: ETLServer, req: ParsedRequest, body: IO[bytes]) -> Source:
+    """The input of an HTTP request: FQN file, upstream GET, or the body (§2-§3)."""
+    return select_source(
         req,
         body,
         session=etl.session,
         host_target=etl.host_target,
         timeout=etl.settings.timeouts,
     )
+
+
+def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
+    """Transform one object and answer, or deliver it to the next hop (§4)."""
+    pipeline = parse_pipeline(req.node_url)
     if etl.use_streaming:
         if pipeline is None:
             return _stream_reply(etl, req, source)
