@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
 from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
-from etl_wsgi.errors import ETLError
+from etl_wsgi.errors import BadRequestError, ETLError
 from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest, redact_secret
+from etl_wsgi.ws import WebSocketSession, is_upgrade, raw_socket
 
 if TYPE_CHECKING:
     from etl_wsgi.base_etl_server import ETLServer
@@ -40,6 +41,19 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
         )
         return to_response(handle(etl, req, http_source(etl, req, request.stream)))
 
+    def websocket() -> Response:
+        """``/ws`` (PROTOCOL.md §6); a plain GET of an object named ``ws`` is still hpull."""
+        if not is_upgrade(request.environ):
+            return transform("ws")
+        sock = raw_socket(request.environ)
+        if sock is None:
+            raise BadRequestError("this server cannot hand over its socket for WebSocket")
+        session = WebSocketSession(etl, sock, etl.settings.ws_prefetch, etl.settings.ws_max_message)
+        if not session.accept(request.environ):
+            raise BadRequestError("invalid WebSocket upgrade request")
+        session.run()
+        return _SocketTakenOver()
+
     def on_etl_error(exc: ETLError) -> Response:
         return error_response(etl, exc)
 
@@ -53,6 +67,7 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
 
     # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
     bp.add_url_rule("/health", "health", health, methods=["GET"])
+    bp.add_url_rule("/ws", "websocket", websocket, methods=["GET"], websocket=True)
     bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
     bp.add_url_rule(
         "/<path:path>", "transform", transform, methods=["GET", "PUT"], merge_slashes=False
@@ -71,6 +86,19 @@ def to_response(reply: Reply) -> Response:
         content_type=reply.content_type,
         direct_passthrough=not isinstance(reply.body, bytes),
     )
+
+
+class _SocketTakenOver(Response):
+    """Returned after a WebSocket session: the socket is closed, no HTTP reply may follow.
+
+    gunicorn's worker ends the connection on ``StopIteration``; Werkzeug's development server
+    on ``ConnectionError`` (the approach of flask-sock).
+    """
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        if "gunicorn.socket" in environ:
+            raise StopIteration()
+        raise ConnectionError("WebSocket session ended")
 
 
 def error_response(etl: ETLServer, exc: ETLError) -> Response:

@@ -241,6 +241,19 @@ class Settings:
         64,
         "Kept-alive outbound connections per destination host, per worker.",
     )
+    ws_max_message: int = setting(
+        "ETL_WS_MAX_MESSAGE",
+        _positive_int,
+        16 << 30,
+        "Largest WebSocket data message in bytes (the AIS target's own limit is 16 GiB); a "
+        "buffered transform holds one whole message in memory.",
+    )
+    ws_prefetch: int = setting(
+        "ETL_WS_PREFETCH",
+        _positive_int,
+        1,
+        "WebSocket tasks read ahead per connection while the current one is transformed.",
+    )
     log_level: str = setting(
         "ETL_LOG_LEVEL",
         _log_level,
