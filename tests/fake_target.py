@@ -128,6 +128,15 @@ class FakeTarget:
     def puts(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "PUT"]
 
+    def reset(self) -> None:
+        """Forget recorded traffic, objects and script (a target shared by several tests)."""
+        with self._cond:
+            self.requests.clear()
+            self.objects.clear()
+            self.get_status.clear()
+            self.script.clear()
+            self.default = Reply(200)
+
     def next_behaviour(self) -> object:
         with self._cond:
             return self.script.pop(0) if self.script else self.default
