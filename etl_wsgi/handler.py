@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Any
 
+from etl_wsgi.const import DEFAULT_MIME_TYPE
 from etl_wsgi.direct_put import Attempt, CountingIterator, DirectPutResult, deliver
 from etl_wsgi.errors import ETLError, TransformError
 from etl_wsgi.protocol import ParsedRequest, Pipeline, compose_direct_put_url, parse_pipeline
@@ -104,7 +105,8 @@ def _direct_put(
 
 def reply_from_result(result: DirectPutResult) -> Reply:
     """The answer to our caller for the next hop's answer (PROTOCOL.md §4.3)."""
-    return Reply(result.status, result.body, result.headers, result.content_type)
+    content_type = result.content_type or DEFAULT_MIME_TYPE if result.body else None
+    return Reply(result.status, result.body, result.headers, content_type)
 
 
 def _stream_attempt(etl: ETLServer, req: ParsedRequest, source: Source) -> Attempt:
