@@ -81,9 +81,10 @@ class GunicornServer:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGQUIT) -> int | None:
+        """Stop the server: SIGQUIT (immediate) by default; SIGTERM to test graceful stops."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
