@@ -87,8 +87,9 @@ class GunicornServer:
             if self._healthy():
                 return self
             time.sleep(0.05)
+        log = self.log()  # stop() closes the log file
         self.stop()
-        raise RuntimeError(f"gunicorn not healthy after {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"gunicorn not healthy after {timeout}s:\n{log}")
 
     def _healthy(self) -> bool:
         try:

@@ -69,3 +69,84 @@ class UpperFlask(FlaskServer):
 def make_flask_app():
     """A FlaskServer subclass instance's .app, as ported ais-etl code exposes it."""
     return UpperFlask().app
+
+
+# ---- streaming probes (tests/test_e2e_streaming.py) ------------------------------------------
+
+
+class StreamFailMid(ETLServer):
+    """Streaming: yields four 64 KiB chunks of ``A``, then raises (the body must be cut)."""
+
+    def transform_stream(self, reader, path, etl_args):
+        for _ in range(4):
+            yield b"A" * 65536
+        raise ValueError("bad mid-stream")
+
+
+def _write_marker(directory, name, text):
+    """Create ``directory/name`` atomically (write a temp file, rename), so pollers see it whole."""
+    import os
+
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(directory, name))
+
+
+class CloseProbe(ETLServer):
+    """Streaming probe for "the reader is closed on every path" (PROTOCOL.md §5).
+
+    ``etl_args`` is a directory the test owns.  The transform reads the whole input, creates
+    ``started``, then waits (bounded, 30 s) for a file ``release`` holding ``N`` or ``N!``: it
+    yields the upper-cased input, then N chunks of 64 KiB of ``F``; with ``!`` it raises
+    ``ValueError`` instead of finishing (``0!``: before the first chunk).  Every
+    ``close_reader`` call appends ``closed=<reader.closed>`` to ``closed.log``, then creates
+    ``closed``.
+    """
+
+    def transform_stream(self, reader, path, etl_args):
+        import os
+        import time
+
+        self._dirs = getattr(self, "_dirs", {})
+        self._dirs[id(reader)] = etl_args
+        data = reader.read()
+        _write_marker(etl_args, "started", path)
+        release = os.path.join(etl_args, "release")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(release):
+            if time.monotonic() > deadline:
+                raise TimeoutError("CloseProbe was never released")
+            time.sleep(0.01)  # gevent-patched in the worker: cooperative
+        with open(release) as f:
+            plan = f.read().strip()
+        fail = plan.endswith("!")
+        filler = int(plan.rstrip("!") or 0)
+        if fail and filler == 0:
+            raise ValueError("probe failed before the first chunk")
+        yield data.upper()
+        for _ in range(filler):
+            yield b"F" * 65536
+        if fail:
+            raise ValueError("probe failed mid-stream")
+
+    def close_reader(self, reader):
+        import os
+
+        ETLServer.close_reader(reader)
+        directory = getattr(self, "_dirs", {}).pop(id(reader), None)
+        if directory is None:
+            return
+        with open(os.path.join(directory, "closed.log"), "a") as f:
+            f.write(f"closed={reader.closed}\n")
+        _write_marker(directory, "closed", "1")
+
+
+class SlowUpper(ETLServer):
+    """Buffered upper-case after a 0.2 s cooperative sleep (gevent patches ``time.sleep``)."""
+
+    def transform(self, data, path, etl_args):
+        import time
+
+        time.sleep(0.2)
+        return _read(data).upper()

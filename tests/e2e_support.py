@@ -1,0 +1,78 @@
+"""Helpers for the end-to-end tests of streaming, Flask embedding and gunicorn integration.
+
+No fixtures here: plain functions over a :class:`tests.conftest.GunicornServer`, the wire and
+``/proc``.  Every wait is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote, quote_plus
+
+from tests.conftest import GunicornServer
+from tests.fake_target import SECRET_PATH, FakeTarget
+
+TIMEOUT = 30.0
+MIB = 1 << 20
+
+
+def fqn_query(fs_path: str | Path) -> str:
+    """``etl_fqn`` as the AIS target sends it: Go ``url.PathEscape``, then query-encoded (§3)."""
+    return quote_plus(quote(str(fs_path), safe="$&+:=@"), safe="")
+
+
+@contextmanager
+def booted(app: str, target: FakeTarget, workers: int = 1, **env: str) -> Iterator[GunicornServer]:
+    """A started gunicorn serving ``app`` (``"mod:Class"`` goes through ``create_app``)."""
+    if ":" in app and "(" not in app:
+        app = f'etl_wsgi.app:create_app("{app}")'
+    server = GunicornServer(app, {"AIS_TARGET_URL": target.url + SECRET_PATH, **env}, workers)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def connect(server: GunicornServer, timeout: float = TIMEOUT) -> http.client.HTTPConnection:
+    """An ``http.client`` connection: the request line goes on the wire exactly as given."""
+    return http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+
+
+def request(
+    server: GunicornServer,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a fresh connection, closed afterwards: ``(status, headers, body)``."""
+    conn = connect(server)
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        with resp:
+            return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_for_file(path: Path, timeout: float = TIMEOUT) -> str:
+    """Poll (bounded) until ``path`` exists; return its text.  Markers are created by rename."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.01)
+    return path.read_text()
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident set size of ``pid`` so far (``VmHWM``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")

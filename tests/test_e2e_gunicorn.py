@@ -1,0 +1,242 @@
+"""The gunicorn integration: import hygiene of the master, start-up validation, configuration
+values, keep-alive and concurrency of the gevent workers (STYLE.md "Imports point one way",
+"Configuration is declared once"; PROTOCOL.md §1.1, §9.1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GunicornServer
+from tests.e2e_support import TIMEOUT, booted, connect, request
+from tests.fake_target import SECRET_PATH, FakeTarget
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = 'etl_wsgi.app:create_app("transformers:Upper")'
+REQUESTS_IN_MASTER = "'requests' was imported in the gunicorn master"
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[FakeTarget]:
+    with FakeTarget() as fake:
+        yield fake
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any etl-wsgi / AIS setting, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ETL_", "AIS_", "GUNICORN_"))
+        and k not in ("NUM_WORKERS", "DIRECT_PUT", "direct_put")
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env.update(extra)
+    return env
+
+
+# ---- import hygiene ----------------------------------------------------------------------------
+
+
+def test_boot_has_no_monkeypatch_warning_and_no_requests_in_master(target: FakeTarget):
+    with booted("transformers:UpperStream", target) as server:
+        assert request(server, "PUT", "/src/a.txt", b"hello")[0::2] == (200, b"HELLO")
+        log = server.log()
+    assert "etl-wsgi: 1 gevent worker(s)" in log  # the master's own log lines are captured
+    assert "Booting worker" in log
+    assert "MonkeyPatchWarning" not in log
+    assert REQUESTS_IN_MASTER not in log
+
+
+def test_preloading_the_app_is_reported(target: FakeTarget):
+    """Control for the test above: ``--preload`` imports requests in the master; both show."""
+    with booted("transformers:Upper", target, GUNICORN_CMD_ARGS="--preload") as server:
+        assert request(server, "PUT", "/src/a.txt", b"hello")[0::2] == (200, b"HELLO")
+        log = server.log()
+    assert REQUESTS_IN_MASTER in log
+    assert "MonkeyPatchWarning" in log
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        "runpy.run_path('gunicorn.conf.py')",
+        "importlib.import_module('etl_wsgi.gunicorn_conf')",
+    ],
+    ids=["gunicorn.conf.py", "python:etl_wsgi.gunicorn_conf"],
+)
+def test_config_and_package_import_stay_light(load: str):
+    """What the master runs before forking imports neither requests, Flask nor ssl."""
+    code = (
+        "import importlib, runpy, sys\n"
+        f"ns = {load}\n"
+        "import etl_wsgi, etl_wsgi.config, etl_wsgi.gunicorn_hooks\n"
+        "assert etl_wsgi.__version__\n"
+        "heavy = {'requests', 'urllib3', 'flask', 'werkzeug', 'ssl', 'gevent'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ---- start-up validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"AIS_DIRECT_PUT_RETRIES": "-1"}, "AIS_DIRECT_PUT_RETRIES"),
+        ({"AIS_DIRECT_PUT_RETRIES": "abc"}, "AIS_DIRECT_PUT_RETRIES"),
+        ({"ETL_WORKERS": "0"}, "ETL_WORKERS"),
+        ({"ETL_KEEPALIVE": "soon"}, "ETL_KEEPALIVE"),
+        ({"AIS_TARGET_URL": ""}, "AIS_TARGET_URL"),
+        ({"AIS_TARGET_URL": "10.0.0.1:9080"}, "AIS_TARGET_URL"),
+    ],
+    ids=[
+        "retries-negative",
+        "retries-abc",
+        "workers-0",
+        "keepalive-abc",
+        "target-missing",
+        "target-no-scheme",
+    ],
+)
+def test_bad_setting_fails_start_up(target: FakeTarget, env: dict[str, str], name: str):
+    full = {"AIS_TARGET_URL": target.url + SECRET_PATH, **env}
+    if not full["AIS_TARGET_URL"]:
+        del full["AIS_TARGET_URL"]
+    server = GunicornServer(APP, full)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"^gunicorn exited"):
+            server.start(timeout=20)
+        log = server.log()
+    finally:
+        server.stop()
+    assert time.monotonic() - started < 20
+    assert server.proc is not None and server.proc.returncode not in (0, None)
+    (line,) = [x for x in log.splitlines() if x.startswith("etl-wsgi: invalid configuration: ")]
+    assert name in line
+    assert "Traceback" not in log  # one clear line, not a stack
+    assert "Booting worker" not in log
+
+
+# ---- configuration values ----------------------------------------------------------------------
+
+
+def print_config(config: str, **env: str) -> dict[str, str]:
+    """``gunicorn -c config --print-config``: the settings gunicorn really uses.
+
+    gunicorn also loads the app to check it, hence a (never contacted) ``AIS_TARGET_URL``.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", config, "--print-config", APP],
+        cwd=ROOT,
+        env=clean_env(AIS_TARGET_URL="http://127.0.0.1:9" + SECRET_PATH, **env),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stderr
+    values = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+@pytest.mark.parametrize("config", ["gunicorn.conf.py", "python:etl_wsgi.gunicorn_conf"])
+def test_gunicorn_config_values(config: str):
+    cfg = print_config(config)
+    assert cfg["worker_class"] == "gevent"
+    assert cfg["bind"] == "['0.0.0.0:8000']"  # PROTOCOL.md §1.1: port 8000, all interfaces
+    # above the target's 6 s idle timeout (§9.1) and AIS's 45 s obj_timeout
+    assert int(cfg["keepalive"]) > 6
+    assert int(cfg["timeout"]) >= 45
+    assert cfg["control_socket_disable"] == "True"
+    assert cfg["preload_app"] == "False"
+    assert int(cfg["workers"]) >= 1
+
+
+def test_gunicorn_config_follows_settings():
+    cfg = print_config(
+        "gunicorn.conf.py",
+        ETL_BIND="127.0.0.1:8123",
+        ETL_WORKERS="3",
+        ETL_KEEPALIVE="40",
+        ETL_WORKER_TIMEOUT="90",
+        NUM_WORKERS="5",  # the AIS runtime's alias loses to ETL_WORKERS
+    )
+    assert (cfg["bind"], cfg["workers"], cfg["keepalive"], cfg["timeout"]) == (
+        "['127.0.0.1:8123']",
+        "3",
+        "40",
+        "90",
+    )
+    assert print_config("gunicorn.conf.py", NUM_WORKERS="5")["workers"] == "5"
+
+
+# ---- keep-alive and concurrency ----------------------------------------------------------------
+
+
+def test_two_requests_on_one_keepalive_connection(target: FakeTarget):
+    with booted("transformers:Upper", target) as server:
+        conn = connect(server)
+        try:
+            conn.request("PUT", "/src/a.txt", body=b"hello")
+            with conn.getresponse() as first:
+                assert (first.status, first.read()) == (200, b"HELLO")
+                assert first.headers.get("Connection") == "keep-alive"
+            sock = conn.sock
+            assert sock is not None
+            conn.request("PUT", "/src/b.txt", body=b"world")
+            with conn.getresponse() as second:
+                assert (second.status, second.read()) == (200, b"WORLD")
+            assert conn.sock is sock  # http.client would have reconnected after a close
+        finally:
+            conn.close()
+
+
+def test_concurrent_slow_requests_overlap(target: FakeTarget):
+    """50 PUTs of a transform sleeping 0.2 s (cooperatively) on 2 workers: far below 10 s."""
+    n = 50
+    barrier = threading.Barrier(n, timeout=TIMEOUT)
+
+    def put(i: int) -> tuple[int, bytes]:
+        conn = connect(server)
+        try:
+            conn.connect()
+            barrier.wait()
+            conn.request("PUT", f"/src/{i}.txt", body=f"obj-{i}".encode())
+            with conn.getresponse() as resp:
+                return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    with booted("transformers:SlowUpper", target, workers=2) as server:
+        assert len(server.worker_pids()) == 2
+        started = time.monotonic()
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(put, range(n), timeout=TIMEOUT))
+        elapsed = time.monotonic() - started
+    assert results == [(200, f"OBJ-{i}".encode()) for i in range(n)]
+    print(f"{n} concurrent requests took {elapsed:.2f}s")
+    assert elapsed < n * 0.2 / 4, f"{n} requests took {elapsed:.2f}s"
