@@ -308,9 +308,11 @@ class WebSocketSession:
         except Exception as exc:
             if stream is not None:
                 stream.chunks.put(WebSocketClosed(str(exc)))
-            log.error("ws: reading tasks failed: %s", exc)
+            # ETLError.message, as on the worker's path: "Invalid pipeline header: ..." (§10 #12)
+            message = exc.message if isinstance(exc, ETLError) else str(exc)
+            log.error("ws: reading tasks failed: %s", message)
             code = exc.code if isinstance(exc, _TooBig) else CloseReason.INTERNAL_ERROR
-            self.close(code, f"bad task: {exc}")
+            self.close(code, f"bad task: {message}")
         finally:
             self.tasks.put(_STOP)
 
