@@ -1,0 +1,228 @@
+"""etl_wsgi.gunicorn_hooks: gunicorn settings from the environment; master-process side effects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from etl_wsgi import gunicorn_hooks
+from etl_wsgi.gunicorn_hooks import (
+    LOG_FORMAT,
+    config_values,
+    configure_logging,
+    on_starting,
+    raise_nofile_limit,
+    when_ready,
+)
+from tests.unit_support import TARGET_URL, clear_settings_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    clear_settings_env(monkeypatch)
+    return monkeypatch
+
+
+@pytest.fixture
+def restore_process_state() -> Iterator[None]:
+    """on_starting changes the root log level and RLIMIT_NOFILE: put both back."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+# --- config_values ---------------------------------------------------------------------------
+
+
+def test_config_values_defaults(clean_env) -> None:
+    values = config_values()
+    assert values["worker_class"] == "gevent"
+    assert values["bind"] == ["0.0.0.0:8000"]
+    assert values["workers"] >= 1
+    assert values["worker_connections"] == 1000
+    # keep-alive must outlive the target's 6 s idle timeout (PROTOCOL.md §9.1)
+    assert values["keepalive"] == 30
+    assert values["keepalive"] > 6
+    # a worker must not be killed while AIS still waits for it (obj_timeout 45 s)
+    assert values["timeout"] == 120
+    assert values["timeout"] >= 45
+    assert values["graceful_timeout"] == 30
+    assert values["loglevel"] == "info"
+    assert values["accesslog"] is None
+    assert values["errorlog"] == "-"
+    assert values["control_socket_disable"] is True
+    assert "control_socket" not in values
+    assert values["limit_request_line"] == 8190
+
+
+def test_config_values_from_environment(clean_env) -> None:
+    clean_env.setenv("ETL_BIND", "fd://3")
+    clean_env.setenv("NUM_WORKERS", "5")
+    clean_env.setenv("ETL_WORKER_CONNECTIONS", "50")
+    clean_env.setenv("ETL_KEEPALIVE", "75")
+    clean_env.setenv("ETL_WORKER_TIMEOUT", "300")
+    clean_env.setenv("ETL_GRACEFUL_TIMEOUT", "5")
+    clean_env.setenv("ETL_LOG_LEVEL", "debug")
+    clean_env.setenv("ETL_CONTROL_SOCKET", "/run/etl/gunicorn.ctl")
+    values = config_values()
+    assert values["bind"] == ["fd://3"]
+    assert values["workers"] == 5
+    assert values["worker_connections"] == 50
+    assert (values["keepalive"], values["timeout"], values["graceful_timeout"]) == (75, 300, 5)
+    assert values["loglevel"] == "debug"
+    assert values["control_socket"] == "/run/etl/gunicorn.ctl"
+    assert "control_socket_disable" not in values
+
+
+def test_config_values_do_not_need_the_target_url(clean_env) -> None:
+    assert "AIS_TARGET_URL" not in os.environ
+    assert config_values()["worker_class"] == "gevent"
+
+
+def test_config_values_exit_on_a_bad_setting(clean_env, capsys) -> None:
+    clean_env.setenv("ETL_WORKERS", "0")
+    with pytest.raises(SystemExit) as info:
+        config_values()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("etl-wsgi: invalid configuration: ETL_WORKERS='0': ")
+
+
+# --- on_starting / when_ready ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "AIS_TARGET_URL"),
+        ({"AIS_TARGET_URL": "ftp://t/x"}, "AIS_TARGET_URL"),
+        ({"AIS_TARGET_URL": TARGET_URL, "AIS_DIRECT_PUT_RETRIES": "-1"}, "AIS_DIRECT_PUT_RETRIES"),
+        ({"AIS_TARGET_URL": TARGET_URL, "ETL_CONNECT_TIMEOUT": "nan"}, "ETL_CONNECT_TIMEOUT"),
+    ],
+)
+def test_on_starting_exits_naming_the_variable(clean_env, capsys, env, name) -> None:
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        on_starting(None)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("etl-wsgi: invalid configuration: ")
+    assert name in err
+    assert err.count("\n") == 1  # one clear line
+
+
+def test_on_starting_configures_the_process(clean_env, restore_process_state, caplog) -> None:
+    clean_env.setenv("AIS_TARGET_URL", TARGET_URL)
+    clean_env.setenv("ETL_LOG_LEVEL", "warning")
+    clean_env.setenv("ETL_WORKERS", "3")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    with caplog.at_level(logging.INFO, logger="etl_wsgi"):
+        on_starting(None)
+    assert logging.getLogger().level == logging.WARNING
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    assert "3 gevent worker(s) x 1000 connections" in caplog.text
+
+
+def test_when_ready_warns_if_requests_is_in_the_master(caplog) -> None:
+    import requests  # noqa: F401 - what preload_app would do to the master
+
+    with caplog.at_level(logging.WARNING, logger="etl_wsgi"):
+        when_ready(None)
+    assert "'requests' was imported in the gunicorn master" in caplog.text
+
+
+# --- side effects ------------------------------------------------------------------------------
+
+
+def test_raise_nofile_limit(restore_process_state) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    assert raise_nofile_limit() == (hard, hard)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    assert raise_nofile_limit() == (hard, hard)  # already raised: no-op
+
+
+def test_configure_logging_adds_one_handler_only_when_none(restore_process_state) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = []
+    configure_logging("DEBUG")
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    assert handler.formatter is not None
+    assert handler.formatter._fmt == LOG_FORMAT
+    assert root.level == logging.DEBUG
+    configure_logging("ERROR")
+    assert root.handlers == [handler]
+    assert root.level == logging.ERROR
+
+
+# --- import hygiene (STYLE.md: the master must not import requests/ssl before gevent patches) ----
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIS_", "ETL_")) and k not in ("NUM_WORKERS", "DIRECT_PUT")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def _imported_after(code: str) -> set[str]:
+    probe = (
+        f"{code}\nimport sys\n"
+        "print(' '.join(m for m in ('requests', 'flask', 'ssl', 'urllib3', 'werkzeug') "
+        "if m in sys.modules))"
+    )
+    return set(_run(probe).stdout.split())
+
+
+def test_importing_the_package_and_hooks_stays_light() -> None:
+    assert _imported_after("import etl_wsgi, etl_wsgi.gunicorn_hooks, etl_wsgi.config") == set()
+
+
+def test_loading_the_gunicorn_config_stays_light() -> None:
+    loaded = _imported_after(
+        "import runpy\nrunpy.run_path('gunicorn.conf.py')\nimport etl_wsgi.gunicorn_conf"
+    )
+    assert not loaded & {"requests", "flask"}
+
+
+def test_lazy_package_attribute_loads_on_use() -> None:
+    assert "requests" in _imported_after("import etl_wsgi\netl_wsgi.ETLServer")
+
+
+def test_when_ready_is_quiet_in_a_clean_master() -> None:
+    out = _run(
+        "import logging\nlogging.basicConfig()\n"
+        "from etl_wsgi.gunicorn_hooks import when_ready\nwhen_ready(None)"
+    )
+    assert out.stderr == ""
+
+
+def test_module_logger_name() -> None:
+    assert gunicorn_hooks.log.name == "etl_wsgi"

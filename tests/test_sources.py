@@ -1,0 +1,332 @@
+"""etl_wsgi.sources: FQN file, upstream GET, request body (PROTOCOL.md §2.6, §3, §5)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from etl_wsgi.config import Settings
+from etl_wsgi.const import DRAIN_CHUNK_BYTES
+from etl_wsgi.direct_put import build_session
+from etl_wsgi.errors import (
+    BadRequestError,
+    FileAccessError,
+    ObjectNotFoundError,
+    UpstreamNetworkError,
+    UpstreamStatusError,
+)
+from etl_wsgi.protocol import ParsedRequest
+from etl_wsgi.sources import (
+    BodySource,
+    DrainingReader,
+    FileSource,
+    ResponseReader,
+    UpstreamSource,
+    select_source,
+)
+from tests.fake_target import SECRET_PATH, FakeTarget
+from tests.unit_support import closed_port
+
+pytest_plugins = ["tests.unit_fixtures"]
+
+TIMEOUT = (5.0, 5.0)
+UNAME = "ais/@#/src/hello.txt"
+ESCAPED = "ais%2F@%23%2Fsrc%2Fhello.txt"
+
+
+def fqn_of(path: os.PathLike | str) -> str:
+    """``etl_fqn`` as the target sends it, after query decoding: path-escaped (§3)."""
+    return quote(str(path), safe="@")
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    s = build_session(Settings.from_env({"AIS_TARGET_URL": "http://127.0.0.1:1" + SECRET_PATH}))
+    yield s
+    s.close()
+
+
+# --- FileSource --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def obj(tmp_path):
+    path = tmp_path / "@ais" / "src" / "%ob" / "hello world.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"hello")
+    return path
+
+
+def test_file_source_reads_the_file(obj) -> None:
+    src = FileSource(fqn_of(obj), "src/hello world.txt")
+    assert src.fs_path == str(obj)
+    assert src.replayable
+    assert src.read_all() == b"hello"
+    with src.open() as reader:
+        assert reader.read() == b"hello"
+    with src.open() as again:  # re-openable: that is what makes it replayable
+        assert again.read(2) == b"he"
+    assert src.check() == str(obj)
+
+
+def test_file_source_normalizes_the_fqn(obj, tmp_path) -> None:
+    twisted = fqn_of(tmp_path / "@ais" / "src" / "x" / ".." / "%ob" / "." / "hello world.txt")
+    assert FileSource(twisted, "o").fs_path == str(obj)
+
+
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_missing_file_is_404_naming_both_paths(tmp_path, action: str) -> None:
+    gone = tmp_path / "gone.txt"
+    src = FileSource(fqn_of(gone), "src/gone.txt")
+    with pytest.raises(ObjectNotFoundError) as info:
+        getattr(src, action)()
+    err = info.value
+    assert err.status == 404
+    assert err.message == f"Error processing object 'src/gone.txt': file not found at '{gone}'."
+
+
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_directory_is_404(tmp_path, action: str) -> None:
+    with pytest.raises(ObjectNotFoundError):
+        getattr(FileSource(fqn_of(tmp_path), "src/dir"), action)()
+
+
+@pytest.mark.parametrize("action", ["open", "check"])
+def test_path_through_a_file_is_404(obj, action: str) -> None:
+    with pytest.raises(ObjectNotFoundError):
+        getattr(FileSource(fqn_of(obj / "below"), "o"), action)()
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode"
+)
+def test_permission_denied_is_403(obj) -> None:
+    obj.chmod(0)
+    try:
+        with pytest.raises(FileAccessError) as info:
+            FileSource(fqn_of(obj), "src/hello.txt").read_all()
+        assert info.value.status == 403
+        assert "permission denied" in info.value.message
+    finally:
+        obj.chmod(0o644)
+
+
+@pytest.mark.parametrize("action", ["open", "check"])
+def test_nul_byte_is_400(tmp_path, action: str) -> None:
+    src = FileSource(fqn_of(tmp_path) + "%2Fa%00b", "o")
+    with pytest.raises(BadRequestError) as info:
+        getattr(src, action)()
+    assert info.value.status == 400
+    assert "Invalid etl_fqn" in info.value.message
+
+
+def test_name_too_long_is_400(tmp_path) -> None:
+    src = FileSource(fqn_of(tmp_path / ("x" * 5000)), "o")
+    with pytest.raises(BadRequestError) as info:
+        src.open()
+    assert "cannot open" in info.value.message
+
+
+# --- UpstreamSource ----------------------------------------------------------------------------
+
+
+def upstream(session: requests.Session, target: FakeTarget, path: str = UNAME) -> UpstreamSource:
+    return UpstreamSource(session, target.url + SECRET_PATH, path, TIMEOUT)
+
+
+def test_upstream_read_all(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"hello"
+    src = upstream(session, target)
+    assert src.replayable
+    assert src.url == f"{target.url}{SECRET_PATH}/{ESCAPED}"
+    assert src.read_all() == b"hello"
+    (get,) = target.requests
+    assert (get.method, get.raw_path) == ("GET", f"{SECRET_PATH}/{ESCAPED}")
+
+
+def test_upstream_open_streams(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"x" * 100_000
+    with upstream(session, target).open() as reader:
+        assert isinstance(reader, ResponseReader)
+        assert reader.read(10) == b"x" * 10
+        assert len(reader.read()) == 99_990
+
+
+@pytest.mark.parametrize("status", [404, 403, 500, 503])
+@pytest.mark.parametrize("action", ["open", "read_all"])
+def test_upstream_status_is_forwarded(session, target: FakeTarget, status, action) -> None:
+    target.get_status[f"{SECRET_PATH}/{ESCAPED}"] = status
+    with pytest.raises(UpstreamStatusError) as info:
+        getattr(upstream(session, target), action)()
+    assert info.value.status == status
+    assert info.value.message == "Target request failed"
+
+
+def test_upstream_missing_object_is_404(session, target: FakeTarget) -> None:
+    with pytest.raises(UpstreamStatusError) as info:
+        upstream(session, target, "ais/@#/src/none").read_all()
+    assert info.value.status == 404
+
+
+@pytest.mark.parametrize("action", ["open", "read_all"])
+def test_upstream_refused_is_502(session, action: str) -> None:
+    src = UpstreamSource(session, f"http://127.0.0.1:{closed_port()}{SECRET_PATH}", UNAME, TIMEOUT)
+    with pytest.raises(UpstreamNetworkError) as info:
+        getattr(src, action)()
+    assert info.value.status == 502
+    assert info.value.message.startswith("Network error: ConnectionError: ")
+
+
+def _pooled(session: requests.Session, url: str) -> list:
+    """Connections idle in the urllib3 pool ``session`` used for ``url``."""
+    manager = session.get_adapter(url).poolmanager
+    # RecentlyUsedContainer refuses plain iteration
+    (pool,) = [manager.pools[key] for key in manager.pools.keys()]  # noqa: SIM118
+    return [conn for conn in list(pool.pool.queue) if conn is not None]
+
+
+def test_response_reader_close_returns_the_connection_to_the_pool(
+    session, target: FakeTarget
+) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"hello"
+    src = upstream(session, target)
+    socks = set()
+    for _ in range(3):
+        reader = src.open()
+        assert _pooled(session, src.url) == []  # in use while the body is unread
+        assert reader.read() == b"hello"
+        reader.close()
+        assert reader.closed
+        (conn,) = _pooled(session, src.url)
+        assert conn.sock is not None  # back in the pool, still connected: kept alive
+        socks.add(conn.sock)
+    assert len(socks) == 1  # one socket served all three GETs
+
+
+def test_response_reader_close_after_partial_read(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"y" * 200_000
+    src = upstream(session, target)
+    reader = src.open()
+    assert reader.read(5) == b"yyyyy"
+    assert _pooled(session, src.url) == []
+    reader.close()
+    reader.close()  # idempotent
+    with pytest.raises(ValueError):
+        reader.read(1)
+    # close() closed the *response*: the connection object is back in the pool (a closed
+    # resp.raw alone would leave it checked out), its socket closed: never reused mid-body
+    (conn,) = _pooled(session, src.url)
+    assert conn.sock is None
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"small"
+    assert src.read_all() == b"small"
+
+
+def test_response_reader_works_with_buffered_io(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"line1\nline2\n"
+    with io.BufferedReader(upstream(session, target).open()) as buffered:
+        assert buffered.readline() == b"line1\n"
+        assert buffered.read() == b"line2\n"
+
+
+# --- BodySource / DrainingReader ---------------------------------------------------------------
+
+
+def test_body_source_is_one_shot() -> None:
+    src = BodySource(io.BytesIO(b"hello"))
+    assert not src.replayable
+    assert src.read_all() == b"hello"
+
+
+class RecordingStream(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.sizes: list[int] = []
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.sizes.append(-1 if size is None else size)
+        return super().read(size)
+
+
+def test_draining_reader_drains_the_rest_on_close() -> None:
+    inner = RecordingStream(b"z" * (3 * DRAIN_CHUNK_BYTES + 10))
+    reader = BodySource(inner).open()
+    assert isinstance(reader, DrainingReader)
+    assert reader.read(3) == b"zzz"
+    reader.close()
+    assert inner.tell() == len(inner.getvalue())
+    assert inner.sizes[1:] == [DRAIN_CHUNK_BYTES] * 5  # 4 reads of data, then EOF
+    assert reader.closed
+    with pytest.raises(ValueError, match="closed"):
+        reader.read()
+    reader.close()  # idempotent: nothing read again
+    assert len(inner.sizes) == 6
+
+
+def test_draining_reader_read_forms() -> None:
+    reader = DrainingReader(io.BytesIO(b"abcdefgh"))
+    assert reader.readable()
+    buf = bytearray(3)
+    assert reader.readinto(buf) == 3
+    assert bytes(buf) == b"abc"
+    assert reader.read(None) == b"defgh"
+    assert reader.readall() == b""
+    reader.close()
+
+
+class BrokenStream:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [OSError("reset"), ValueError("I/O on closed file")])
+def test_draining_reader_tolerates_errors_while_draining(exc: Exception) -> None:
+    inner = BrokenStream(exc)
+    reader = DrainingReader(inner)  # type: ignore[arg-type]
+    reader.close()
+    assert reader.closed
+    assert inner.reads == 1
+
+
+def test_draining_reader_over_a_closed_stream() -> None:
+    inner = io.BytesIO(b"abc")
+    inner.close()
+    reader = DrainingReader(inner)
+    reader.close()  # ValueError from the closed stream is swallowed
+    assert reader.closed
+
+
+# --- select_source ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("req", "kind"),
+    [
+        (ParsedRequest("PUT", "src/a", fqn="%2Fmp1%2Fa"), FileSource),
+        (ParsedRequest("GET", "src/a", fqn="%2Fmp1%2Fa"), FileSource),
+        (ParsedRequest("GET", UNAME), UpstreamSource),
+        (ParsedRequest("PUT", "src/a"), BodySource),
+    ],
+)
+def test_select_source(session, req: ParsedRequest, kind: type) -> None:
+    src = select_source(
+        req,
+        io.BytesIO(b""),
+        session=session,
+        host_target="http://t:1" + SECRET_PATH,
+        timeout=TIMEOUT,
+    )
+    assert type(src) is kind
+    if kind is UpstreamSource:
+        assert src.url == f"http://t:1{SECRET_PATH}/{ESCAPED}"
+    if kind is FileSource:
+        assert (src.fs_path, src.obj_path) == ("/mp1/a", "src/a")
