@@ -9,4 +9,4 @@ setting; see the README's settings table. Command-line flags still override thes
 """
 
 from etl_wsgi.gunicorn_conf import *  # noqa: F403
-from etl_wsgi.gunicorn_conf import on_starting, when_ready  # noqa: F401
+from etl_wsgi.gunicorn_conf import on_starting, post_worker_init, when_ready  # noqa: F401

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import sys
 from typing import Any
 
 from etl_wsgi.config import ConfigError, Settings
+from etl_wsgi.protocol import redact_secret
 
 log = logging.getLogger("etl_wsgi")
 
@@ -65,12 +67,27 @@ def raise_nofile_limit() -> tuple[int, int]:
     return hard, hard
 
 
-def configure_logging(level: str) -> None:
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then hides the per-ETL secret of ``AIS_TARGET_URL``.
+
+    Exception texts from ``requests`` carry full URLs, and every URL towards a target holds the
+    secret; pod logs are read by more people than the ETL's owner.
+    """
+
+    def __init__(self, fmt: str, host_target: str) -> None:
+        super().__init__(fmt)
+        self.host_target = host_target
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secret(super().format(record), self.host_target)
+
+
+def configure_logging(level: str, host_target: str = "") -> None:
     """Plain logs to stderr for the library and the transformer's ``self.logger``."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(RedactingFormatter(LOG_FORMAT, host_target))
         root.addHandler(handler)
     root.setLevel(level)
 
@@ -78,7 +95,7 @@ def configure_logging(level: str) -> None:
 def on_starting(server: Any) -> None:
     """Master, once: validate every setting (AIS_TARGET_URL included), logging, rlimit."""
     s = _settings(require_target=True)
-    configure_logging(s.log_level)
+    configure_logging(s.log_level, s.ais_target_url)
     soft, _ = raise_nofile_limit()
     log.info(
         "etl-wsgi: %d gevent worker(s) x %d connections, timeout %ds, keep-alive %ds, nofile %d",
@@ -88,6 +105,22 @@ def on_starting(server: Any) -> None:
         s.keepalive,
         soft,
     )
+
+
+def post_worker_init(worker: Any) -> None:
+    """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`)."""
+    from etl_wsgi import lifecycle
+
+    lifecycle.start_watcher()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(sig: int, frame: Any) -> None:
+        if callable(previous):
+            previous(sig, frame)
+        lifecycle.notify_stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.siginterrupt(signal.SIGTERM, False)
 
 
 def when_ready(server: Any) -> None:

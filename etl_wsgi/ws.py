@@ -27,7 +27,10 @@ import io
 import json
 import logging
 import queue
+import socket
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -45,6 +48,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
+from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
 from etl_wsgi.errors import BadRequestError, ETLError
 from etl_wsgi.handler import handle
@@ -52,19 +56,21 @@ from etl_wsgi.protocol import ParsedRequest, parse_pipeline, redact_secret
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
 if TYPE_CHECKING:
-    import socket
-
     from etl_wsgi.base_etl_server import ETLServer
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
+#: How long a closing session waits for the peer's close frame before dropping the socket.
+CLOSE_WAIT_SECONDS = 5.0
 #: Largest control message (JSON with fqn, path, etl_args, pipeline).
 CONTROL_LIMIT = 1 << 20
 #: Largest close reason the protocol allows (125-byte control payload minus the 2-byte code).
 MAX_CLOSE_REASON = 123
 #: Chunks of a streamed data message buffered between reader and transform (backpressure).
 STREAM_QUEUE_CHUNKS = 16
+
+_SESSIONS: weakref.WeakSet[WebSocketSession] = weakref.WeakSet()
 
 _EOF = object()
 _STOP = object()
@@ -184,6 +190,10 @@ class WebSocketSession:
         self.max_message = max_message
         self._send_lock = threading.Lock()
         self._closed = False
+        self._busy = False  # the worker is transforming or replying
+        self._at_boundary = False  # the reader waits for the next control message
+        self._going_away = False
+        self._reader_stopped = False
 
     # handshake
     def accept(self, environ: dict[str, Any]) -> bool:
@@ -203,32 +213,53 @@ class WebSocketSession:
     def run(self) -> None:
         reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
         reader.start()
+        _SESSIONS.add(self)
         try:
             self._work_loop()
         finally:
-            self._shutdown()
-            self._discard_tasks()
-            reader.join(timeout=10)
-
-    def _discard_tasks(self) -> None:
-        """After the worker stopped: unblock the reader until it has put its final ``_STOP``."""
-        while True:
+            _SESSIONS.discard(self)
+            # Close handshake: send our close (if not sent yet), then keep reading (and
+            # discarding) until the peer answers or a deadline passes, so a close reason is not
+            # lost in a reset caused by unread data.
+            self.close(CloseReason.GOING_AWAY if self._going_away else CloseReason.NORMAL_CLOSURE)
+            self._discard_tasks(CLOSE_WAIT_SECONDS)
             try:
-                task = self.tasks.get(timeout=10)
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            reader.join(timeout=CLOSE_WAIT_SECONDS)
+
+    def _discard_tasks(self, seconds: float) -> None:
+        """After the worker stopped: unblock the reader until it has put its final ``_STOP``."""
+        deadline = time.monotonic() + seconds
+        while not self._reader_stopped:
+            try:
+                task = self.tasks.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                log.warning("ws: reader did not stop within 10 s")
                 return
             if task is _STOP:
+                self._reader_stopped = True
                 return
             self.etl.close_reader(getattr(getattr(task, "source", None), "reader", None))
+
+    def going_away(self) -> None:
+        """The worker is stopping: close now if idle (1001), else after the task in flight."""
+        self._going_away = True
+        if self._idle():
+            self.close(CloseReason.GOING_AWAY, "server shutting down")
+
+    def _idle(self) -> bool:
+        return self._at_boundary and not self._busy and self.tasks.empty()
 
     # the worker: one reply per task, in order
     def _work_loop(self) -> None:
         while True:
             task = self.tasks.get()
             if task is _STOP:
+                self._reader_stopped = True
                 return
             assert isinstance(task, Task)
+            self._busy = True
             try:
                 self._process(task)
             except ETLError as exc:
@@ -240,7 +271,10 @@ class WebSocketSession:
                 self._fail(task, f"{type(exc).__name__}: {exc}", exc)
                 return
             finally:
+                self._busy = False
                 self.etl.close_reader(getattr(task.source, "reader", None))
+            if self._going_away and self._idle():
+                self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _process(self, task: Task) -> None:
         reply = handle(self.etl, task.req, task.source)
@@ -290,6 +324,7 @@ class WebSocketSession:
         try:
             events = self._events()
             while True:
+                self._at_boundary = True
                 req = _parse_control(self._read_message(events, CONTROL_LIMIT))
                 if req.fqn:
                     parse_pipeline(req.node_url)  # a bad header fails before the next read
@@ -339,6 +374,7 @@ class WebSocketSession:
         parts: list[bytes] = []
         size = 0
         for event in events:
+            self._at_boundary = False
             data = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
             size += len(data)
             if size > limit:
@@ -392,13 +428,6 @@ class WebSocketSession:
             except Exception:  # already gone
                 pass
 
-    def _shutdown(self) -> None:
-        self.close(CloseReason.NORMAL_CLOSURE)
-        try:
-            self.sock.shutdown(2)
-        except OSError:
-            pass
-
 
 def _short(reason: str) -> str:
     data = reason.encode("utf-8")[:MAX_CLOSE_REASON]
@@ -419,3 +448,11 @@ def _parse_control(raw: bytes) -> ParsedRequest:
         fqn=str(control.get(ETL_WS_FQN) or "").strip(),
         node_url=str(control.get(ETL_WS_PIPELINE) or ""),
     )
+
+
+def _going_away_all() -> None:
+    for session in list(_SESSIONS):
+        session.going_away()
+
+
+lifecycle.on_stop(_going_away_all)

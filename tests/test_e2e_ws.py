@@ -632,3 +632,43 @@ def test_plain_get_ws_is_hpull_of_object_ws(upper: GunicornServer, fake: FakeTar
         conn.close()
     assert (status, body) == (200, b"HELLO")
     assert [(r.method, r.raw_path) for r in fake.requests] == [("GET", SECRET_PATH + "/ws")]
+
+
+# ---- shutdown and close handshake ----------------------------------------------------------------
+
+
+def test_sigterm_closes_idle_connection_with_1001_and_worker_exits(serve):
+    """SIGTERM: an idle connection gets 1001 "going away" at once, not a cut after 30 s."""
+    server = serve("transformers:Upper")
+    with ws_connect(server) as ws:
+        send_task(ws, {"path": "a"}, b"hello")
+        assert recv(ws) == (OP_BINARY, b"HELLO")
+        start = time.monotonic()
+        server.proc.send_signal(15)
+        code, reason = expect_close(ws)
+        assert (code, reason) == (1001, "server shutting down")
+        assert time.monotonic() - start < 5
+    assert server.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_lets_the_task_in_flight_finish_then_1001(serve):
+    """SIGTERM during a transform: its reply still arrives, then the connection closes with 1001."""
+    server = serve("transformers:SlowUpper")
+    with ws_connect(server) as ws:
+        send_task(ws, {"path": "a"}, b"slow")
+        server.proc.send_signal(15)
+        assert recv(ws) == (OP_BINARY, b"SLOW")
+        assert expect_close(ws) == (1001, "server shutting down")
+    assert server.proc.wait(timeout=10) == 0
+
+
+def test_failure_close_survives_pipelined_tasks(serve):
+    """Tasks already sent after a failing one do not turn the 1011 close into a reset."""
+    server = serve("transformers:Upper")
+    with ws_connect(server) as ws:
+        send_task(ws, {"path": "a"}, b"boom")
+        for i in range(20):
+            send_task(ws, {"path": f"b{i}"}, b"x" * 65536)
+        opcode, data = recv(ws)
+        assert opcode == OP_CLOSE
+        assert (int.from_bytes(data[:2], "big"), data[2:]) == (1011, b"bad")
