@@ -253,7 +253,7 @@ def _send_once(
     except _RETRIED_ERRORS as exc:
         if isinstance(exc, requests.ConnectionError) and _is_connection_refused(exc):
             raise DirectPutRefusedError(
-                f"direct_put to {hop!r} failed: {type(exc).__name__}: {exc}"
+                f"direct_put to {hop!r} failed: {type(exc).__name__}: connection refused"
             ) from exc
         raise ETLDirectPutTransientError(hop, exc) from exc
     except Exception as exc:

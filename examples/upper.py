@@ -1,6 +1,6 @@
 """Upper-case transformers: the smallest buffered and streaming ETLs.
 
-    gunicorn -c gunicorn.conf.py 'etl_wsgi.app:create_app("examples.upper:Upper")'
+gunicorn -c gunicorn.conf.py 'etl_wsgi.app:create_app("examples.upper:Upper")'
 """
 
 from __future__ import annotations

@@ -385,6 +385,11 @@ def test_v15_buffered_direct_put_retries_with_backoff(
     first, second = gaps(puts)
     assert 0.8 <= first < 1.8
     assert 1.8 <= second < 2.8
+    log = server.log()  # retries are logged, and the per-ETL secret is redacted from logs
+    assert "attempt 1/3 failed, retrying in 1.0s" in log
+    assert "attempt 2/3 failed, retrying in 2.0s" in log
+    assert "/v1/etl/_object/etl-upper/***/" in log
+    assert "s3cr3tABCD" not in log
 
 
 def test_v16_streaming_one_shot_body_bails_with_503(
