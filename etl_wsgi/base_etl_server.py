@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import requests
 
+from etl_wsgi.concurrency import Executor, MemoryBudget
 from etl_wsgi.config import Settings
 from etl_wsgi.const import (
     DEFAULT_MIME_TYPE,
@@ -95,6 +96,8 @@ class ETLServer(ABC):  # noqa: B024 - ABC kept for parity; abstractness is check
         self.token = self.settings.authn_token or None
         self.logger = logging.getLogger(type(self).__name__)
         self.session = self._build_session()
+        self.executor = Executor(self.settings.transform_executor, self.settings.transform_threads)
+        self.memory_budget = MemoryBudget(self.settings.memory_budget, self.settings.memory_wait)
 
     def _build_session(self) -> requests.Session:
         """Outbound session: TLS/auth from settings, pooled, no hidden retries."""

@@ -15,10 +15,10 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
 from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
-from etl_wsgi.errors import BadRequestError, ETLError
+from etl_wsgi.errors import ETLError
 from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest, redact_secret
-from etl_wsgi.ws import WebSocketSession, is_upgrade, raw_socket
+from etl_wsgi.ws import is_upgrade, serve_websocket
 
 if TYPE_CHECKING:
     from etl_wsgi.base_etl_server import ETLServer
@@ -39,19 +39,18 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
             fqn=request.args.get(QPARAM_ETL_FQN, "").strip(),
             node_url=request.headers.get(HEADER_NODE_URL, ""),
         )
-        return to_response(handle(etl, req, http_source(etl, req, request.stream)))
+        source = http_source(etl, req, request.stream, request.content_length)
+        reply = handle(etl, req, source)
+        response = to_response(reply)
+        if reply.held:
+            response.call_on_close(lambda: etl.memory_budget.release(reply.held))
+        return response
 
     def websocket() -> Response:
         """``/ws`` (PROTOCOL.md §6); a plain GET of an object named ``ws`` is still hpull."""
         if not is_upgrade(request.environ):
             return transform("ws")
-        sock = raw_socket(request.environ)
-        if sock is None:
-            raise BadRequestError("this server cannot hand over its socket for WebSocket")
-        session = WebSocketSession(etl, sock, etl.settings.ws_prefetch, etl.settings.ws_max_message)
-        if not session.accept(request.environ):
-            raise BadRequestError("invalid WebSocket upgrade request")
-        session.run()
+        serve_websocket(etl, request.environ)
         return _SocketTakenOver()
 
     def on_etl_error(exc: ETLError) -> Response:

@@ -87,6 +87,30 @@ def _http_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_SIZE_UNITS.update({"g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40})
+
+
+def _byte_size(raw: str) -> int:
+    """``1048576``, ``512KiB``, ``64MiB``, ``2GiB`` (binary units; ``k``/``m``/``g`` too)."""
+    low = raw.lower().replace(" ", "")
+    number = low.rstrip("kmgtib")
+    unit = low[len(number) :]
+    if not number.isdigit() or unit not in _SIZE_UNITS:
+        raise ValueError("expected a size in bytes, e.g. 1048576, 64MiB or 2GiB")
+    value = int(number) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError("expected a positive size")
+    return value
+
+
+def _executor(raw: str) -> str:
+    mode = raw.lower()
+    if mode not in ("thread", "inline"):
+        raise ValueError("expected 'thread' or 'inline'")
+    return mode
+
+
 def _existing_file(raw: str) -> str:
     if not os.path.isfile(raw):
         raise ValueError("file does not exist")
@@ -237,9 +261,38 @@ class Settings:
     )
     pool_maxsize: int = setting(
         "ETL_POOL_MAXSIZE",
+        _non_negative_int,
+        0,
+        "Kept-alive outbound connections per destination host, per worker; `0` sizes it to "
+        "`ETL_WORKER_CONNECTIONS`, so direct puts and hpull GETs never churn connections.",
+    )
+    transform_executor: str = setting(
+        "ETL_TRANSFORM_EXECUTOR",
+        _executor,
+        "thread",
+        "`thread`: buffered `transform()` runs in a pool of OS threads, so CPU-bound or blocking "
+        "code cannot stall other requests or `/health`; `inline`: in the request's greenlet.",
+    )
+    transform_threads: int = setting(
+        "ETL_TRANSFORM_THREADS",
         _positive_int,
-        64,
-        "Kept-alive outbound connections per destination host, per worker.",
+        _cpu_count,
+        "Threads per worker running buffered transforms in `thread` mode.",
+        default_doc="CPUs available",
+    )
+    memory_budget: int = setting(
+        "ETL_MEMORY_BUDGET",
+        _byte_size,
+        2 << 30,
+        "Bytes of buffered requests a worker holds at once (each reserves twice its input: input "
+        "and output); excess requests wait. Sizes like `512MiB`, `2GiB`.",
+        default_doc="`2GiB`",
+    )
+    memory_wait: float = setting(
+        "ETL_MEMORY_WAIT",
+        _positive_float,
+        30.0,
+        "Seconds a buffered request waits for memory budget before `503` + `Retry-After`.",
     )
     ws_max_message: int = setting(
         "ETL_WS_MAX_MESSAGE",
@@ -342,6 +395,8 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}. {meta['doc']}") from None
         settings = cls(**values)
+        if not settings.pool_maxsize:
+            settings = dataclasses.replace(settings, pool_maxsize=settings.worker_connections)
         if bool(settings.client_crt) != bool(settings.client_crt_key):
             logging.getLogger(__name__).warning(
                 "AIS_CRT and AIS_CRT_KEY must both be set for mTLS; client certificate not used"

@@ -8,6 +8,7 @@ maps them in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,9 +35,13 @@ class Reply:
     body: bytes | Iterable[bytes] = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    #: Memory-budget bytes to release once the reply is written (see :meth:`done`).
+    held: int = 0
 
 
-def http_source(etl: ETLServer, req: ParsedRequest, body: IO[bytes]) -> Source:
+def http_source(
+    etl: ETLServer, req: ParsedRequest, body: IO[bytes], content_length: int | None = None
+) -> Source:
     """The input of an HTTP request: FQN file, upstream GET, or the body (§2-§3)."""
     return select_source(
         req,
@@ -44,6 +49,7 @@ def http_source(etl: ETLServer, req: ParsedRequest, body: IO[bytes]) -> Source:
         session=etl.session,
         host_target=etl.host_target,
         timeout=etl.settings.timeouts,
+        content_length=content_length,
     )
 
 
@@ -55,19 +61,39 @@ def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
             return _stream_reply(etl, req, source)
         return _direct_put(etl, req, pipeline, lambda: _stream_attempt(etl, req, source), source)
 
-    data = transform_buffered(etl, req, source)
-    if pipeline is None:
-        return Reply(HTTPStatus.OK, data, content_type=etl.get_mime_type())
-    return _direct_put(etl, req, pipeline, lambda: Attempt(data), None)
+    budget = etl.memory_budget
+    # Input and output of a buffered transform are both in memory: reserve twice the input.
+    held = budget.acquire(2 * (source.size_hint() or 0))
+    try:
+        data = transform_buffered(etl, req, source)
+        if source.size_hint() is None:  # size known only now (chunked body, upstream GET)
+            held += budget.acquire(2 * len(data))
+        if pipeline is None:
+            return Reply(HTTPStatus.OK, data, content_type=etl.get_mime_type(), held=held)
+        reply = _direct_put(etl, req, pipeline, lambda: Attempt(data), None)
+        return dataclasses.replace(reply, held=held)
+    except BaseException:
+        budget.release(held)
+        raise
 
 
 def transform_buffered(etl: ETLServer, req: ParsedRequest, source: Source) -> bytes:
-    """Read the input whole (or the FQN path with ``ETL_DIRECT_FQN``) and call ``transform``."""
+    """Read the input whole (or the FQN path with ``ETL_DIRECT_FQN``) and call ``transform``.
+
+    FQN reads and the transform go through ``etl.executor`` (off the event loop in ``thread``
+    mode); socket inputs are read in the request's greenlet, which owns the socket.
+    """
     data: bytes | str
     if etl.direct_fqn and isinstance(source, FileSource):
         data = source.check()
+    elif isinstance(source, FileSource):
+        data = etl.executor.run(source.read_all)
     else:
         data = source.read_all()
+    return etl.executor.run(_call_transform, etl, req, data)
+
+
+def _call_transform(etl: ETLServer, req: ParsedRequest, data: bytes | str) -> bytes:
     try:
         out = etl.transform(data, req.path, req.etl_args)
     except ETLError:

@@ -40,6 +40,10 @@ class Source:
 
     replayable = True
 
+    def size_hint(self) -> int | None:
+        """Input size when known before reading (memory budget), else ``None``."""
+        return None
+
     def read_all(self) -> bytes:
         with self.open() as reader:
             return reader.read()
@@ -54,6 +58,12 @@ class FileSource(Source):
     def __init__(self, fqn: str, obj_path: str) -> None:
         self.fs_path = sanitize_fqn(fqn)
         self.obj_path = obj_path
+
+    def size_hint(self) -> int | None:
+        try:
+            return os.stat(self.fs_path).st_size
+        except (OSError, ValueError):
+            return None  # open() reports the error properly
 
     def check(self) -> str:
         """Stat without reading, for ``ETL_DIRECT_FQN`` (transform opens the file itself)."""
@@ -118,8 +128,12 @@ class BodySource(Source):
 
     replayable = False
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: IO[bytes], content_length: int | None = None) -> None:
         self.stream = stream
+        self.content_length = content_length
+
+    def size_hint(self) -> int | None:
+        return self.content_length
 
     def read_all(self) -> bytes:
         try:
@@ -140,13 +154,14 @@ def select_source(
     session: requests.Session,
     host_target: str,
     timeout: tuple[float, float],
+    content_length: int | None = None,
 ) -> Source:
     """FQN wins over a body (§3); a GET without FQN fetches from the target (§2.6)."""
     if req.fqn:
         return FileSource(req.fqn, req.path)
     if req.is_get:
         return UpstreamSource(session, host_target, req.path, timeout)
-    return BodySource(body)
+    return BodySource(body, content_length)
 
 
 class _DelegatingReader(io.RawIOBase):

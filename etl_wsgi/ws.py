@@ -51,7 +51,7 @@ from wsproto.frame_protocol import CloseReason
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
 from etl_wsgi.errors import BadRequestError, ETLError
-from etl_wsgi.handler import handle
+from etl_wsgi.handler import Reply, handle
 from etl_wsgi.protocol import ParsedRequest, parse_pipeline, redact_secret
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
@@ -98,6 +98,17 @@ def raw_socket(environ: dict[str, Any]) -> socket.socket | None:
     return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
 
 
+def serve_websocket(etl: ETLServer, environ: dict[str, Any]) -> None:
+    """Accept the upgrade on the connection's socket and serve tasks until it closes."""
+    sock = raw_socket(environ)
+    if sock is None:
+        raise BadRequestError("this server cannot hand over its socket for WebSocket")
+    session = WebSocketSession(etl, sock, etl.settings.ws_prefetch, etl.settings.ws_max_message)
+    if not session.accept(environ):
+        raise BadRequestError("invalid WebSocket upgrade request")
+    session.run()
+
+
 # --- inputs -----------------------------------------------------------------------------------
 
 
@@ -106,6 +117,9 @@ class BytesSource(Source):
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+    def size_hint(self) -> int | None:
+        return len(self.data)
 
     def read_all(self) -> bytes:
         return self.data
@@ -278,6 +292,12 @@ class WebSocketSession:
 
     def _process(self, task: Task) -> None:
         reply = handle(self.etl, task.req, task.source)
+        try:
+            self._reply(task, reply)
+        finally:
+            self.etl.memory_budget.release(reply.held)
+
+    def _reply(self, task: Task, reply: Reply) -> None:
         if task.req.node_url.strip():  # delivered by direct put, or the last stage's output
             if reply.status == HTTPStatus.NO_CONTENT:
                 delivered = reply.headers.get("Ais-Direct-Put-Length", "0")

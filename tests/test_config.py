@@ -51,7 +51,7 @@ def test_defaults_with_only_target_url() -> None:
     assert (s.client_ca, s.client_crt, s.client_crt_key) == ("", "", "")
     assert s.etl_class == ""
     assert s.timeouts == (10.0, 60.0)
-    assert s.pool_maxsize == 64
+    assert s.pool_maxsize == s.worker_connections == 1000  # sized to the concurrency
     assert s.log_level == "INFO"
     assert s.bind == "0.0.0.0:8000"
     assert s.workers >= 1

@@ -150,3 +150,28 @@ class SlowUpper(ETLServer):
 
         time.sleep(0.2)
         return _read(data).upper()
+
+
+class CpuBound(ETLServer):
+    """Holds the GIL in pure Python for ``etl_args`` seconds (default 0.3), then upper-cases."""
+
+    def transform(self, data, path, etl_args):
+        import time
+
+        end = time.perf_counter() + float(etl_args or 0.3)
+        n = 0
+        while time.perf_counter() < end:
+            n += sum(range(1000))
+        return _read(data).upper()
+
+
+class MarkedSleep(ETLServer):
+    """Writes ``<dir>/started`` then sleeps: ``etl_args`` = ``<dir>,<seconds>``."""
+
+    def transform(self, data, path, etl_args):
+        import time
+
+        directory, seconds = etl_args.split(",")
+        _write_marker(directory, "started", "1")
+        time.sleep(float(seconds))
+        return _read(data).upper()

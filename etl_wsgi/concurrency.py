@@ -1,0 +1,118 @@
+"""Where transforms run, and how much buffered input a worker may hold at once.
+
+* :class:`Executor` - ``ETL_TRANSFORM_EXECUTOR``: ``thread`` runs buffered ``transform()`` calls
+  (and FQN file reads) in the gevent hub's pool of real OS threads, so a CPU-bound or blocking
+  transform cannot stall the event loop: other requests, ``/health`` (the AIS readiness probe)
+  and gunicorn's heartbeat keep running. ``inline`` runs them in the request's greenlet (no
+  hand-off cost; right for transforms that are cheap or cooperative). Without gevent (Werkzeug's
+  threaded development server) every request has its own thread already and ``thread`` runs
+  inline. Streaming transforms always run in the request's greenlet: their reader may be the
+  request socket, which belongs to the event loop's thread.
+* :class:`MemoryBudget` - ``ETL_MEMORY_BUDGET``: buffered requests reserve their input size
+  before reading it; excess requests wait (up to ``ETL_MEMORY_WAIT``) and are then refused with
+  ``503`` + ``Retry-After`` instead of taking the worker past its memory.
+
+Only the standard library and, when it is running, gevent.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from etl_wsgi.errors import ETLError
+
+T = TypeVar("T")
+
+
+def gevent_active() -> bool:
+    """True in a gevent-patched process (gunicorn's gevent worker)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+class Executor:
+    """Runs blocking calls in the hub's thread pool (``thread``) or inline."""
+
+    def __init__(self, mode: str, threads: int) -> None:
+        self.mode = mode
+        self.threads = threads
+        self._pool: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def offloads(self) -> bool:
+        return self.mode == "thread" and gevent_active()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged."""
+        if not self.offloads:
+            return fn(*args)
+        return self._get_pool().apply(fn, args)  # type: ignore[no-any-return]
+
+    def _get_pool(self) -> Any:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    import gevent
+
+                    pool = gevent.get_hub().threadpool
+                    pool.maxsize = self.threads
+                    self._pool = pool
+        return self._pool
+
+
+class MemoryBudgetExceeded(ETLError):
+    """No room in the worker's memory budget in time -> 503 + ``Retry-After``."""
+
+    status = 503
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class MemoryBudget:
+    """A weighted semaphore over bytes of buffered input held by one worker.
+
+    A request larger than the whole budget is admitted alone (when nothing else is held), so
+    it can never wait forever; everything else waits in arrival order for room.
+    """
+
+    def __init__(self, limit: int, wait_seconds: float) -> None:
+        self.limit = limit
+        self.wait_seconds = wait_seconds
+        self.held = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, size: int) -> int:
+        """Reserve ``size`` bytes (waiting up to ``wait_seconds``); returns what to release."""
+        size = max(0, size)
+        if size == 0:
+            return 0
+        deadline = time.monotonic() + self.wait_seconds
+        with self._cond:
+            while not self._fits(size):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    if self._fits(size):
+                        break
+                    raise MemoryBudgetExceeded(
+                        f"worker memory budget exhausted: {self.held} of {self.limit} bytes held, "
+                        f"{size} more needed; retry later"
+                    )
+            self.held += size
+        return size
+
+    def release(self, size: int) -> None:
+        if size <= 0:
+            return
+        with self._cond:
+            self.held -= size
+            self._cond.notify_all()
+
+    def _fits(self, size: int) -> bool:
+        return self.held == 0 or self.held + size <= self.limit

@@ -1,0 +1,126 @@
+"""Unit tests of etl_wsgi.concurrency: the executor and the memory budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from etl_wsgi.concurrency import Executor, MemoryBudget, MemoryBudgetExceeded, gevent_active
+from etl_wsgi.config import ConfigError, Settings
+
+TARGET = {"AIS_TARGET_URL": "http://127.0.0.1:9/v1/etl/_object/x/s3cr3tABCD"}
+
+
+def test_executor_runs_inline_without_gevent() -> None:
+    assert not gevent_active()  # the test process is not monkey-patched
+    for mode in ("thread", "inline"):
+        ex = Executor(mode, 2)
+        assert not ex.offloads
+        assert ex.run(lambda a, b: (a, b, threading.get_ident()), 1, 2) == (
+            1,
+            2,
+            threading.get_ident(),
+        )
+
+
+def test_executor_propagates_exceptions() -> None:
+    def boom() -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        Executor("thread", 2).run(boom)
+
+
+def test_budget_admits_within_limit_and_releases() -> None:
+    budget = MemoryBudget(100, wait_seconds=0.05)
+    assert budget.acquire(60) == 60
+    assert budget.acquire(40) == 40
+    assert budget.held == 100
+    budget.release(40)
+    budget.release(60)
+    assert budget.held == 0
+
+
+def test_budget_refuses_after_waiting_with_503_and_retry_after() -> None:
+    budget = MemoryBudget(100, wait_seconds=0.2)
+    budget.acquire(80)
+    start = time.monotonic()
+    with pytest.raises(MemoryBudgetExceeded) as info:
+        budget.acquire(30)
+    assert 0.15 <= time.monotonic() - start < 2
+    assert info.value.status == 503
+    assert info.value.headers == {"Retry-After": "1"}
+    assert "80 of 100 bytes held, 30 more needed" in info.value.message
+    assert budget.held == 80
+
+
+def test_budget_oversized_request_runs_alone() -> None:
+    budget = MemoryBudget(100, wait_seconds=0.05)
+    assert budget.acquire(500) == 500  # nothing else held: admitted, never starved
+    with pytest.raises(MemoryBudgetExceeded):
+        budget.acquire(1)
+    budget.release(500)
+    assert budget.acquire(1) == 1
+
+
+def test_budget_waiter_is_admitted_when_room_frees() -> None:
+    budget = MemoryBudget(100, wait_seconds=5)
+    budget.acquire(90)
+    admitted = threading.Event()
+
+    def waiter() -> None:
+        budget.acquire(50)
+        admitted.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not admitted.wait(0.1)
+    budget.release(90)
+    assert admitted.wait(5)
+    thread.join(5)
+    assert budget.held == 50
+
+
+def test_zero_size_is_free() -> None:
+    budget = MemoryBudget(1, wait_seconds=0.01)
+    budget.acquire(1)
+    assert budget.acquire(0) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1048576", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("64MiB", 64 << 20),
+        ("2GiB", 2 << 30),
+        ("2g", 2 << 30),
+        ("1 TiB", 1 << 40),
+    ],
+)
+def test_memory_budget_sizes(raw: str, expected: int) -> None:
+    assert Settings.from_env({**TARGET, "ETL_MEMORY_BUDGET": raw}).memory_budget == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "lots", "1.5GiB", "2PB", "GiB"])
+def test_bad_memory_budget_names_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match="ETL_MEMORY_BUDGET"):
+        Settings.from_env({**TARGET, "ETL_MEMORY_BUDGET": raw})
+
+
+def test_executor_setting() -> None:
+    assert Settings.from_env(TARGET).transform_executor == "thread"
+    assert Settings.from_env({**TARGET, "ETL_TRANSFORM_EXECUTOR": "Inline"}).transform_executor == (
+        "inline"
+    )
+    with pytest.raises(ConfigError, match="ETL_TRANSFORM_EXECUTOR"):
+        Settings.from_env({**TARGET, "ETL_TRANSFORM_EXECUTOR": "process"})
+
+
+def test_pool_maxsize_follows_worker_connections() -> None:
+    s = Settings.from_env({**TARGET, "ETL_WORKER_CONNECTIONS": "256"})
+    assert s.pool_maxsize == 256
+    s = Settings.from_env({**TARGET, "ETL_WORKER_CONNECTIONS": "256", "ETL_POOL_MAXSIZE": "32"})
+    assert s.pool_maxsize == 32

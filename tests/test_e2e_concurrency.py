@@ -1,0 +1,72 @@
+"""End-to-end: CPU-bound transforms off the event loop; the memory budget under overload."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+
+def health_latency(url: str) -> float:
+    start = time.monotonic()
+    resp = requests.get(url + "/health", timeout=30)
+    assert (resp.status_code, resp.content) == (200, b"Running")
+    return time.monotonic() - start
+
+
+def busy_health(server, n: int = 6) -> float:
+    """Worst /health latency while ``n`` CPU-bound 0.4 s transforms run on the one worker."""
+    with ThreadPoolExecutor(n + 1) as pool:
+        futures = [
+            pool.submit(requests.put, f"{server.url}/o?etl_args=0.4", data=b"hi", timeout=60)
+            for _ in range(n)
+        ]
+        worst = max(health_latency(server.url) for _ in range(5))
+        for future in futures:
+            resp = future.result()
+            assert (resp.status_code, resp.content) == (200, b"HI")
+    return worst
+
+
+def test_thread_executor_keeps_health_responsive(serve) -> None:
+    server = serve("transformers:CpuBound", ETL_TRANSFORM_EXECUTOR="thread")
+    assert busy_health(server) < 0.5
+
+
+def test_inline_executor_stalls_health_control(serve) -> None:
+    """The control: the same load inline blocks the event loop (so the test above can fail)."""
+    server = serve("transformers:CpuBound", ETL_TRANSFORM_EXECUTOR="inline")
+    assert busy_health(server) > 0.8
+
+
+def wait_for(path: Path, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} not created within {seconds}s"
+        time.sleep(0.01)
+
+
+def test_memory_budget_refuses_excess_with_503(serve, tmp_path: Path) -> None:
+    server = serve("transformers:MarkedSleep", ETL_MEMORY_BUDGET="1MiB", ETL_MEMORY_WAIT="0.3")
+    body = b"x" * (400 << 10)  # reserves 800 KiB: one fits, two do not
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            requests.put, f"{server.url}/a?etl_args={tmp_path},1.5", data=body, timeout=30
+        )
+        wait_for(tmp_path / "started")
+        other = tmp_path / "other"
+        other.mkdir()
+        start = time.monotonic()
+        refused = requests.put(f"{server.url}/b?etl_args={other},0", data=body, timeout=30)
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert "memory budget" in refused.json()["error"]
+        assert time.monotonic() - start < 1.4  # refused after the wait, not after the first
+        assert not (other / "started").exists()  # never admitted
+        assert first.result().status_code == 200
+    again = requests.put(f"{server.url}/b?etl_args={other},0", data=body, timeout=30)
+    assert (again.status_code, again.content) == (200, body.upper())
+    assert os.path.exists(other / "started")
