@@ -395,13 +395,16 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}. {meta['doc']}") from None
         settings = cls(**values)
-        if not settings.pool_maxsize:
-            settings = dataclasses.replace(settings, pool_maxsize=settings.worker_connections)
         if bool(settings.client_crt) != bool(settings.client_crt_key):
             logging.getLogger(__name__).warning(
                 "AIS_CRT and AIS_CRT_KEY must both be set for mTLS; client certificate not used"
             )
         return settings
+
+    @property
+    def outbound_pool_size(self) -> int:
+        """Connections kept per destination: ``ETL_POOL_MAXSIZE``, or the worker's concurrency."""
+        return self.pool_maxsize or self.worker_connections
 
     @property
     def timeouts(self) -> tuple[float, float]:

@@ -61,7 +61,7 @@ def build_session(settings: Settings) -> requests.Session:
     session.trust_env = False
     adapter = HTTPAdapter(
         pool_connections=16,
-        pool_maxsize=settings.pool_maxsize,
+        pool_maxsize=settings.outbound_pool_size,
         max_retries=NO_HIDDEN_RETRIES,
     )
     session.mount("http://", adapter)

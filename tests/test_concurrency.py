@@ -121,6 +121,6 @@ def test_executor_setting() -> None:
 
 def test_pool_maxsize_follows_worker_connections() -> None:
     s = Settings.from_env({**TARGET, "ETL_WORKER_CONNECTIONS": "256"})
-    assert s.pool_maxsize == 256
+    assert s.outbound_pool_size == 256
     s = Settings.from_env({**TARGET, "ETL_WORKER_CONNECTIONS": "256", "ETL_POOL_MAXSIZE": "32"})
-    assert s.pool_maxsize == 32
+    assert s.outbound_pool_size == 32

@@ -51,7 +51,8 @@ def test_defaults_with_only_target_url() -> None:
     assert (s.client_ca, s.client_crt, s.client_crt_key) == ("", "", "")
     assert s.etl_class == ""
     assert s.timeouts == (10.0, 60.0)
-    assert s.pool_maxsize == s.worker_connections == 1000  # sized to the concurrency
+    assert s.pool_maxsize == 0  # auto: sized to the worker's concurrency
+    assert s.outbound_pool_size == s.worker_connections == 1000
     assert s.log_level == "INFO"
     assert s.bind == "0.0.0.0:8000"
     assert s.workers >= 1
@@ -214,7 +215,7 @@ def test_bind_forms(bind: str) -> None:
         ("ETL_CONNECT_TIMEOUT", "-1"),
         ("ETL_CONNECT_TIMEOUT", "inf"),
         ("ETL_READ_TIMEOUT", "soon"),
-        ("ETL_POOL_MAXSIZE", "0"),
+        ("ETL_POOL_MAXSIZE", "-1"),
         ("ETL_KEEPALIVE", "0"),
         ("ETL_WORKER_TIMEOUT", "2m"),
         ("ETL_LOG_LEVEL", "LOUD"),
