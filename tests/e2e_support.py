@@ -1,7 +1,8 @@
-"""Helpers for the end-to-end tests of streaming, Flask embedding and gunicorn integration.
+"""Helpers for the end-to-end tests (tests/test_e2e_*.py: a real gunicorn, a fake target).
 
 No fixtures here: plain functions over a :class:`tests.conftest.GunicornServer`, the wire and
-``/proc``.  Every wait is bounded by a deadline.
+``/proc``.  Every wait is bounded by a deadline.  The §10 values and the ``etl_fqn`` encodings
+shared with the unit tests are in tests/unit_support.py.
 """
 
 from __future__ import annotations
@@ -11,18 +12,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote, quote_plus
 
 from tests.conftest import GunicornServer
 from tests.fake_target import SECRET_PATH, FakeTarget
 
 TIMEOUT = 30.0
 MIB = 1 << 20
-
-
-def fqn_query(fs_path: str | Path) -> str:
-    """``etl_fqn`` as the AIS target sends it: Go ``url.PathEscape``, then query-encoded (§3)."""
-    return quote_plus(quote(str(fs_path), safe="$&+:=@"), safe="")
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -25,8 +25,6 @@ from etl_wsgi.base_etl_server import (
 from etl_wsgi.config import ConfigError
 from tests.fake_target import SECRET_PATH, FakeTarget, Reply
 from tests.unit_support import TARGET_URL, clear_settings_env, closed_port
-
-pytest_plugins = ["tests.unit_fixtures"]
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +49,6 @@ class Both(ETLServer):
 
 class Neither(ETLServer):
     pass
-
-
-@pytest.fixture
-def make(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ETLServer]]:
-    """``make(cls, **env)``: construct with a clean environment; sessions closed at teardown."""
-    made: list[ETLServer] = []
-
-    def build(cls: type[ETLServer] = Buffered, **env: str) -> ETLServer:
-        clear_settings_env(monkeypatch, **{"AIS_TARGET_URL": TARGET_URL, **env})
-        etl = cls()
-        made.append(etl)
-        return etl
-
-    yield build
-    for etl in made:
-        etl.session.close()
 
 
 # --- public surface --------------------------------------------------------------------------

@@ -20,9 +20,14 @@ from etl_wsgi.blueprint import blueprint_name
 from etl_wsgi.errors import ETLError
 from tests.fake_target import SECRET_PATH, CloseAfterBody, FakeTarget, Reply
 from tests.transformers import Inspect, StreamFailFirst, Upper, UpperStream
-from tests.unit_support import SECRET, clear_settings_env, close_sessions, closed_port
-
-pytest_plugins = ["tests.unit_fixtures"]
+from tests.unit_support import (
+    SECRET,
+    clear_settings_env,
+    close_sessions,
+    closed_port,
+    dst,
+    path_escape,
+)
 
 
 class ReturnsStr(ETLServer):
@@ -69,28 +74,11 @@ def client_for(monkeypatch, target: FakeTarget) -> Iterator[Callable[..., FlaskC
         close_sessions(app)
 
 
-@pytest.fixture
-def obj(tmp_path):
-    path = tmp_path / "@ais" / "src" / "%ob" / "hello.txt"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"hello")
-    return path
-
-
-def fqn(path) -> str:
-    """The ``etl_fqn`` value before query encoding (the target path-escapes the FQN, §3)."""
-    return quote(str(path), safe="@")
-
-
 def error_of(resp) -> str:
     assert resp.content_type == "application/json"
     body = json.loads(resp.data)
     assert list(body) == ["error"]
     return body["error"]
-
-
-def dst(target: FakeTarget) -> str:
-    return f"{target.url}/ais%2F@%23%2Fdst%2Fa.txt?owt=3&uuid=XID1"
 
 
 # --- plain replies ---------------------------------------------------------------------------
@@ -124,14 +112,14 @@ def test_streaming_put_body(client_for) -> None:
 
 def test_fqn_args_and_path(client_for, obj) -> None:  # §10 #3
     resp = client_for(Inspect).put(
-        "/src/hello.txt", query_string={"etl_fqn": fqn(obj), "etl_args": "x"}
+        "/src/hello.txt", query_string={"etl_fqn": path_escape(obj), "etl_args": "x"}
     )
     assert resp.data == b"bytes:hello|src/hello.txt|x"
 
 
 def test_direct_fqn_hands_over_the_path(client_for, obj) -> None:  # §10 #4
     resp = client_for(Inspect, ETL_DIRECT_FQN="true").put(
-        "/src/hello.txt", query_string={"etl_fqn": fqn(obj)}
+        "/src/hello.txt", query_string={"etl_fqn": path_escape(obj)}
     )
     assert resp.status_code == 200
     assert resp.data == f"str:{obj}|src/hello.txt|".encode()
@@ -154,7 +142,7 @@ def test_etl_args_are_stripped_and_slashes_kept(client_for) -> None:
 
 def test_hpull_path_is_decoded(client_for, obj) -> None:
     resp = client_for(Inspect).get(
-        "/ais%2F@%23%2Fsrc%2Fhello.txt", query_string={"etl_fqn": fqn(obj)}
+        "/ais%2F@%23%2Fsrc%2Fhello.txt", query_string={"etl_fqn": path_escape(obj)}
     )
     assert resp.data == b"bytes:hello|ais/@#/src/hello.txt|"
 
@@ -257,7 +245,7 @@ def test_direct_put_refused_is_502(client_for) -> None:
 
 def test_missing_fqn_is_404_naming_both(client_for, tmp_path) -> None:  # §10 #5
     gone = tmp_path / "mp1" / "gone"
-    resp = client_for(Upper).put("/src/gone.txt", query_string={"etl_fqn": fqn(gone)})
+    resp = client_for(Upper).put("/src/gone.txt", query_string={"etl_fqn": path_escape(gone)})
     assert resp.status_code == 404
     assert error_of(resp) == (
         f"Error processing object 'src/gone.txt': file not found at '{gone}'."
@@ -314,7 +302,7 @@ def test_secret_is_redacted_from_error_bodies(client_for) -> None:
 
 
 def test_streaming_failure_before_first_chunk_is_500(client_for, obj) -> None:
-    resp = client_for(StreamFailFirst).put("/src/a.txt", query_string={"etl_fqn": fqn(obj)})
+    resp = client_for(StreamFailFirst).put("/src/a.txt", query_string={"etl_fqn": path_escape(obj)})
     assert resp.status_code == 500
     assert error_of(resp) == "bad stream"
 

@@ -42,8 +42,6 @@ from tests.fake_target import (
 )
 from tests.unit_support import closed_port
 
-pytest_plugins = ["tests.unit_fixtures"]
-
 BODY = b"HELLO"
 TIMEOUT = (5.0, 5.0)
 

@@ -18,22 +18,17 @@ from flask import Flask
 from etl_wsgi import ConfigError, ETLExtension, ETLServer, FlaskServer, create_app
 from tests import transformers
 from tests.conftest import GunicornServer
-from tests.e2e_support import booted, fqn_query, request
+from tests.e2e_support import booted, request
 from tests.fake_target import SECRET_PATH, FakeTarget
+from tests.unit_support import closed_port, fqn_query, write_object
 
 TARGET_URL = "http://127.0.0.1:9" + SECRET_PATH
 
 
 @pytest.fixture(scope="module")
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def hostapp(target: FakeTarget) -> Iterator[GunicornServer]:
+def hostapp(module_target: FakeTarget) -> Iterator[GunicornServer]:
     """``hostapp:make_app()``: host routes, ``Upper`` at ``/etl``, ``Inspect`` at ``/inspect``."""
-    with booted("hostapp:make_app()", target) as server:
+    with booted("hostapp:make_app()", module_target) as server:
         yield server
 
 
@@ -89,8 +84,8 @@ def test_prefixed_etl_maps_its_errors(hostapp: GunicornServer, tmp_path: Path):
     assert str(gone) in json.loads(body)["error"]
 
 
-def test_root_etl_behind_host_routes(target: FakeTarget):
-    with booted("hostapp:make_root_app()", target) as server:
+def test_root_etl_behind_host_routes(module_target: FakeTarget):
+    with booted("hostapp:make_root_app()", module_target) as server:
         assert request(server, "GET", "/hello")[0::2] == (200, b"host hello")
         assert request(server, "GET", "/")[0::2] == (200, b"host index")
         status, _, body = request(server, "PUT", "/api/items/y", b"ab")
@@ -115,9 +110,11 @@ ODD_PATHS = [
     [("transformers:Inspect", ""), ("hostapp:make_app()", "/inspect")],
     ids=["root", "prefixed"],
 )
-def test_double_slash_and_trailing_slash_reach_transform(target: FakeTarget, app: str, prefix: str):
+def test_double_slash_and_trailing_slash_reach_transform(
+    module_target: FakeTarget, app: str, prefix: str
+):
     """No merge, no redirect (Werkzeug would 308 on ``//`` with ``merge_slashes``)."""
-    with booted(app, target) as server:
+    with booted(app, module_target) as server:
         for wire, path in ODD_PATHS:
             status, headers, body = request(server, "PUT", prefix + wire, b"x")
             assert headers.get("Location") is None
@@ -130,12 +127,10 @@ def test_double_slash_and_trailing_slash_reach_transform(target: FakeTarget, app
 # ---- FlaskServer drop-in -----------------------------------------------------------------------
 
 
-def test_flask_server_app_under_gunicorn(target: FakeTarget, tmp_path: Path):
+def test_flask_server_app_under_gunicorn(module_target: FakeTarget, tmp_path: Path):
     """``transformers:make_flask_app()`` (a ``FlaskServer`` subclass's ``.app``): §10 #2, #3."""
-    obj = tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt"
-    obj.parent.mkdir(parents=True)
-    obj.write_bytes(b"hello")
-    with booted("transformers:make_flask_app()", target) as server:
+    obj = write_object(tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt")
+    with booted("transformers:make_flask_app()", module_target) as server:
         assert request(server, "GET", "/health")[0::2] == (200, b"Running")
         assert_vector2(*request(server, "PUT", "/src/hello.txt", b"hello"))
         status, _, body = request(
@@ -144,14 +139,8 @@ def test_flask_server_app_under_gunicorn(target: FakeTarget, tmp_path: Path):
         assert (status, body) == (200, b"HELLO")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_flask_server_construction_does_not_bind(env: pytest.MonkeyPatch):
-    port = free_port()
+    port = closed_port()
     server = transformers.UpperFlask("127.0.0.1", port)
     assert isinstance(server, FlaskServer)
     assert (server.host, server.port) == ("127.0.0.1", port)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,12 +22,6 @@ from tests.fake_target import SECRET_PATH, FakeTarget
 ROOT = Path(__file__).resolve().parent.parent
 APP = 'etl_wsgi.app:create_app("transformers:Upper")'
 REQUESTS_IN_MASTER = "'requests' was imported in the gunicorn master"
-
-
-@pytest.fixture(scope="module")
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as fake:
-        yield fake
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -47,8 +40,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 # ---- import hygiene ----------------------------------------------------------------------------
 
 
-def test_boot_has_no_monkeypatch_warning_and_no_requests_in_master(target: FakeTarget):
-    with booted("transformers:UpperStream", target) as server:
+def test_boot_has_no_monkeypatch_warning_and_no_requests_in_master(module_target: FakeTarget):
+    with booted("transformers:UpperStream", module_target) as server:
         assert request(server, "PUT", "/src/a.txt", b"hello")[0::2] == (200, b"HELLO")
         log = server.log()
     assert "etl-wsgi: 1 gevent worker(s)" in log  # the master's own log lines are captured
@@ -57,9 +50,9 @@ def test_boot_has_no_monkeypatch_warning_and_no_requests_in_master(target: FakeT
     assert REQUESTS_IN_MASTER not in log
 
 
-def test_preloading_the_app_is_reported(target: FakeTarget):
+def test_preloading_the_app_is_reported(module_target: FakeTarget):
     """Control for the test above: ``--preload`` imports requests in the master; both show."""
-    with booted("transformers:Upper", target, GUNICORN_CMD_ARGS="--preload") as server:
+    with booted("transformers:Upper", module_target, GUNICORN_CMD_ARGS="--preload") as server:
         assert request(server, "PUT", "/src/a.txt", b"hello")[0::2] == (200, b"HELLO")
         log = server.log()
     assert REQUESTS_IN_MASTER in log
@@ -118,8 +111,8 @@ def test_config_and_package_import_stay_light(load: str):
         "target-no-scheme",
     ],
 )
-def test_bad_setting_fails_start_up(target: FakeTarget, env: dict[str, str], name: str):
-    full = {"AIS_TARGET_URL": target.url + SECRET_PATH, **env}
+def test_bad_setting_fails_start_up(module_target: FakeTarget, env: dict[str, str], name: str):
+    full = {"AIS_TARGET_URL": module_target.url + SECRET_PATH, **env}
     if not full["AIS_TARGET_URL"]:
         del full["AIS_TARGET_URL"]
     server = GunicornServer(APP, full)
@@ -197,8 +190,8 @@ def test_gunicorn_config_follows_settings():
 # ---- keep-alive and concurrency ----------------------------------------------------------------
 
 
-def test_two_requests_on_one_keepalive_connection(target: FakeTarget):
-    with booted("transformers:Upper", target) as server:
+def test_two_requests_on_one_keepalive_connection(module_target: FakeTarget):
+    with booted("transformers:Upper", module_target) as server:
         conn = connect(server)
         try:
             conn.request("PUT", "/src/a.txt", body=b"hello")
@@ -215,7 +208,7 @@ def test_two_requests_on_one_keepalive_connection(target: FakeTarget):
             conn.close()
 
 
-def test_concurrent_slow_requests_overlap(target: FakeTarget):
+def test_concurrent_slow_requests_overlap(module_target: FakeTarget):
     """50 PUTs of a transform sleeping 0.2 s (cooperatively) on 2 workers: far below 10 s."""
     n = 50
     barrier = threading.Barrier(n, timeout=TIMEOUT)
@@ -231,7 +224,7 @@ def test_concurrent_slow_requests_overlap(target: FakeTarget):
         finally:
             conn.close()
 
-    with booted("transformers:SlowUpper", target, workers=2) as server:
+    with booted("transformers:SlowUpper", module_target, workers=2) as server:
         assert len(server.worker_pids()) == 2
         started = time.monotonic()
         with ThreadPoolExecutor(n) as pool:

@@ -16,16 +16,15 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, quote_plus
 
 import pytest
 
 from tests.conftest import GunicornServer
+from tests.e2e_support import booted, connect
 from tests.fake_target import (
     SECRET_PATH,
     CloseAfterBody,
@@ -34,38 +33,22 @@ from tests.fake_target import (
     Reply,
     ResetMidBody,
 )
+from tests.unit_support import (
+    DST_PATH,
+    DST_QUERY,
+    FQN_Q,
+    SECRET,
+    closed_port,
+    dst,
+    fqn_query,
+    write_object,
+)
 
-SECRET = "s3cr3tABCD"
-DST_PATH = "/ais%2F@%23%2Fdst%2Fa.txt"
-DST_QUERY = "owt=3&uuid=XID1"
 #: What the destination target sees of a direct put (PROTOCOL.md §4.2 example).
 DST_PUT_PATH = SECRET_PATH + DST_PATH
-FQN_Q = "%252Fmp1%252F%40ais%252Fsrc%252F%2525ob%252Fhello.txt"
-TIMEOUT = 30.0
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def fqn_query(fs_path: str) -> str:
-    """``etl_fqn`` as the AIS target sends it: Go ``url.PathEscape``, then query-encoded (§3).
-
-    ``PathEscape`` keeps ``$ & + : = @`` and escapes ``/``; ``QueryEscape`` keeps only unreserved
-    characters (``@`` -> ``%40``, ``%`` -> ``%25``).
-    """
-    return quote_plus(quote(fs_path, safe="$&+:=@"), safe="")
-
-
-def dst(target: FakeTarget, query: str = DST_QUERY) -> str:
-    """The §10 ``DST`` hop (destination target), on ``target``."""
-    return f"{target.url}{DST_PATH}?{query}"
-
-
-def dead_port() -> int:
-    """A 127.0.0.1 port nobody listens on: bound, read, closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -101,7 +84,7 @@ def call(
 
     A list body is sent chunked, one chunk per item, as an upstream streaming stage does.
     """
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    conn = connect(server)
     try:
         start = time.monotonic()
         conn.request(
@@ -152,46 +135,24 @@ def gaps(recs: list[Recorded]) -> list[float]:
 @pytest.fixture
 def hello_fqn(tmp_path: Path) -> Path:
     """The §10 object ``/mp1/@ais/src/%ob/hello.txt`` (under ``tmp_path``), content ``hello``."""
-    path = tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"hello")
-    return path
+    return write_object(tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt")
 
 
 # ---- module-scoped servers (default configuration) ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def shared_target() -> Iterator[FakeTarget]:
-    with FakeTarget() as target:
-        yield target
-
-
-def _module_server(target: FakeTarget, etl: str, **env: str) -> Iterator[GunicornServer]:
-    app = f'etl_wsgi.app:create_app("{etl}")'
-    server = GunicornServer(app, {"AIS_TARGET_URL": target.url + SECRET_PATH, **env})
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def upper_server(shared_target: FakeTarget) -> Iterator[GunicornServer]:
+def upper_server(module_target: FakeTarget) -> Iterator[GunicornServer]:
     """Buffered ``Upper`` with default settings (``AIS_DIRECT_PUT_RETRIES`` 3)."""
-    yield from _module_server(shared_target, "transformers:Upper")
+    with booted("transformers:Upper", module_target) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def stream_server(shared_target: FakeTarget) -> Iterator[GunicornServer]:
+def stream_server(module_target: FakeTarget) -> Iterator[GunicornServer]:
     """Streaming ``UpperStream`` with ``AIS_DIRECT_PUT_RETRIES=1`` (§10 #17)."""
-    yield from _module_server(shared_target, "transformers:UpperStream", AIS_DIRECT_PUT_RETRIES="1")
-
-
-@pytest.fixture
-def target(shared_target: FakeTarget) -> FakeTarget:
-    shared_target.reset()
-    return shared_target
+    with booted("transformers:UpperStream", module_target, AIS_DIRECT_PUT_RETRIES="1") as server:
+        yield server
 
 
 @pytest.fixture
@@ -228,7 +189,7 @@ def test_v02_put_body_buffered(upper: GunicornServer, target: FakeTarget) -> Non
 def test_v03_put_fqn_reads_the_file(
     upper: GunicornServer, serve, hello_fqn: Path, target: FakeTarget
 ) -> None:
-    request = f"/src/hello.txt?etl_fqn={fqn_query(str(hello_fqn))}&etl_args=x"
+    request = f"/src/hello.txt?etl_fqn={fqn_query(hello_fqn)}&etl_args=x"
     wire = call(upper, "PUT", request)
     assert (wire.status, wire.body) == (200, b"HELLO")
     assert wire.headers.get("Content-Length") == "5"
@@ -240,7 +201,7 @@ def test_v03_put_fqn_reads_the_file(
 
 
 def test_v04_direct_fqn_passes_the_path(serve, hello_fqn: Path) -> None:
-    request = f"/src/hello.txt?etl_fqn={fqn_query(str(hello_fqn))}&etl_args=x"
+    request = f"/src/hello.txt?etl_fqn={fqn_query(hello_fqn)}&etl_args=x"
     upper = serve("transformers:Upper", ETL_DIRECT_FQN="true")
     wire = call(upper, "PUT", request)
     assert (wire.status, wire.body) == (200, b"HELLO")
@@ -252,7 +213,7 @@ def test_v04_direct_fqn_passes_the_path(serve, hello_fqn: Path) -> None:
 
 def test_v05_missing_fqn_is_404(upper: GunicornServer, tmp_path: Path) -> None:
     gone = tmp_path / "mp1" / "gone"
-    wire = call(upper, "PUT", f"/src/gone.txt?etl_fqn={fqn_query(str(gone))}")
+    wire = call(upper, "PUT", f"/src/gone.txt?etl_fqn={fqn_query(gone)}")
     assert wire.status == 404
     message = wire.error()
     assert "src/gone.txt" in message
@@ -274,7 +235,7 @@ def test_v06_hpull_get_fetches_from_target(upper: GunicornServer, target: FakeTa
 def test_hpull_get_with_fqn_reads_the_file(
     upper: GunicornServer, target: FakeTarget, hello_fqn: Path
 ) -> None:
-    wire = call(upper, "GET", f"/ais%2F@%23%2Fsrc%2Fhello.txt?etl_fqn={fqn_query(str(hello_fqn))}")
+    wire = call(upper, "GET", f"/ais%2F@%23%2Fsrc%2Fhello.txt?etl_fqn={fqn_query(hello_fqn)}")
     assert (wire.status, wire.body) == (200, b"HELLO")
     assert target.requests == []
 
@@ -289,7 +250,7 @@ def test_v07_hpull_upstream_404_is_forwarded(upper: GunicornServer, target: Fake
 
 def test_v07_hpull_upstream_not_listening_is_502(serve) -> None:
     server = serve(
-        "transformers:Upper", AIS_TARGET_URL=f"http://127.0.0.1:{dead_port()}{SECRET_PATH}"
+        "transformers:Upper", AIS_TARGET_URL=f"http://127.0.0.1:{closed_port()}{SECRET_PATH}"
     )
     wire = call(server, "GET", "/ais%2F@%23%2Fsrc%2Fhello.txt")
     assert wire.status == 502
@@ -374,7 +335,7 @@ def test_v15_buffered_direct_put_retries_with_backoff(
 ) -> None:
     server = serve("transformers:Upper", AIS_DIRECT_PUT_RETRIES="2")
     fake_target.script = [CloseAfterBody(), CloseAfterBody()]
-    request = f"/src/a.txt?etl_fqn={fqn_query(str(hello_fqn))}"
+    request = f"/src/a.txt?etl_fqn={fqn_query(hello_fqn)}"
     wire = call(server, "PUT", request, headers=node_url(dst(fake_target)))
     assert_delivered(wire, 5)
     puts = fake_target.puts
@@ -411,7 +372,7 @@ def test_v17_streaming_fqn_retries_then_502(
     stream: GunicornServer, target: FakeTarget, hello_fqn: Path
 ) -> None:
     target.default = ResetMidBody(after=1)
-    request = f"/src/a.txt?etl_fqn={fqn_query(str(hello_fqn))}"
+    request = f"/src/a.txt?etl_fqn={fqn_query(hello_fqn)}"
     wire = call(stream, "PUT", request, headers=node_url(dst(target)))
     assert wire.status == 502
     assert wire.headers.get("Ais-Etl-Retry-Reason") is None
@@ -429,7 +390,7 @@ def test_v17_streaming_fqn_retries_then_502(
 
 
 def test_direct_put_refused_next_hop_is_502_at_once(upper: GunicornServer) -> None:
-    hop = f"http://127.0.0.1:{dead_port()}{DST_PATH}?{DST_QUERY}"
+    hop = f"http://127.0.0.1:{closed_port()}{DST_PATH}?{DST_QUERY}"
     wire = call(upper, "PUT", "/src/a.txt", b"hello", node_url(hop))
     assert wire.status == 502
     assert wire.headers.get("Ais-Etl-Retry-Reason") is None
@@ -454,7 +415,7 @@ def test_streaming_direct_put_is_chunked_and_counted(
 def test_three_stage_pipeline_first_stage_delivers(
     upper: GunicornServer, target: FakeTarget, hello_fqn: Path
 ) -> None:
-    request = f"/src/hello.txt?etl_fqn={fqn_query(str(hello_fqn))}&etl_args=q"
+    request = f"/src/hello.txt?etl_fqn={fqn_query(hello_fqn)}&etl_args=q"
     with FakeTarget() as stage1, FakeTarget() as stage2:
         stage1.default = Reply(204, headers={"Ais-Direct-Put-Length": "5"})
         wire = call(upper, "PUT", request, headers=node_url(stage1.url, stage2.url, dst(target)))

@@ -27,43 +27,29 @@ from tests.e2e_support import (
     TIMEOUT,
     booted,
     connect,
-    fqn_query,
     request,
     vm_hwm_kib,
     wait_for_file,
 )
 from tests.fake_target import SECRET_PATH, FakeTarget, ResetMidBody
+from tests.unit_support import DST_PATH, dst, fqn_query, write_object
 
-DST_PATH = "/ais%2F@%23%2Fdst%2Fa.txt"
-DST_QUERY = "owt=3&uuid=XID1"
 #: Peak RSS growth allowed to a worker streaming 256 MiB.
 MAX_RSS_GROWTH_KIB = 64 * 1024
 BIG = 256 * MIB
 
 
 @pytest.fixture(scope="module")
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def upper_stream(target: FakeTarget) -> Iterator[GunicornServer]:
+def upper_stream(module_target: FakeTarget) -> Iterator[GunicornServer]:
     """One ``UpperStream`` server shared by the module's simple cases (a boot costs ~0.6 s)."""
-    with booted("transformers:UpperStream", target) as server:
+    with booted("transformers:UpperStream", module_target) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def probe(target: FakeTarget) -> Iterator[GunicornServer]:
-    with booted("transformers:CloseProbe", target) as server:
+def probe(module_target: FakeTarget) -> Iterator[GunicornServer]:
+    with booted("transformers:CloseProbe", module_target) as server:
         yield server
-
-
-@pytest.fixture
-def fake(target: FakeTarget) -> FakeTarget:
-    target.reset()
-    return target
 
 
 def letters(n: int) -> bytes:
@@ -91,9 +77,7 @@ def test_vector2_streamed_has_no_content_length_and_same_body(upper_stream: Guni
 
 
 def test_fqn_streamed(upper_stream: GunicornServer, tmp_path: Path):
-    obj = tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt"
-    obj.parent.mkdir(parents=True)
-    obj.write_bytes(b"hello")
+    obj = write_object(tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt")
     status, headers, body = request(
         upper_stream, "PUT", f"/src/hello.txt?etl_fqn={fqn_query(obj)}&etl_args=x", b""
     )
@@ -111,22 +95,22 @@ def test_fqn_streamed_missing_file_is_404(upper_stream: GunicornServer, tmp_path
 
 
 @pytest.mark.parametrize("size", [5, 3 * MIB + 7], ids=["small", "multi-chunk"])
-def test_hpull_streamed_from_target(upper_stream: GunicornServer, fake: FakeTarget, size: int):
+def test_hpull_streamed_from_target(upper_stream: GunicornServer, target: FakeTarget, size: int):
     obj_path = "/ais%2F@%23%2Fsrc%2Fhello.txt"
-    fake.objects[SECRET_PATH + obj_path] = letters(size)
+    target.objects[SECRET_PATH + obj_path] = letters(size)
     status, headers, body = request(upper_stream, "GET", obj_path)
     assert status == 200
     assert_streamed(headers)
     assert body == letters(size).upper()
-    (get,) = [r for r in fake.requests if r.method == "GET"]
+    (get,) = [r for r in target.requests if r.method == "GET"]
     assert get.raw_path == SECRET_PATH + obj_path
 
 
 # ---- errors ------------------------------------------------------------------------------------
 
 
-def test_stream_failing_before_first_chunk_is_500_json(target: FakeTarget):
-    with booted("transformers:StreamFailFirst", target) as server:
+def test_stream_failing_before_first_chunk_is_500_json(module_target: FakeTarget):
+    with booted("transformers:StreamFailFirst", module_target) as server:
         status, headers, body = request(server, "PUT", "/src/a.txt", b"hello")
     assert status == 500
     assert headers.get("Content-Type") == "application/json"
@@ -134,9 +118,9 @@ def test_stream_failing_before_first_chunk_is_500_json(target: FakeTarget):
     assert json.loads(body) == {"error": "bad stream"}
 
 
-def test_stream_failing_mid_body_aborts_the_chunked_reply(target: FakeTarget):
+def test_stream_failing_mid_body_aborts_the_chunked_reply(module_target: FakeTarget):
     """Headers are out: the body must be cut (no terminating chunk), never a clean short 200."""
-    with booted("transformers:StreamFailMid", target) as server:
+    with booted("transformers:StreamFailMid", module_target) as server:
         with requests.put(f"{server.url}/src/a.txt", data=b"hello", stream=True) as resp:
             assert resp.status_code == 200
             assert "Content-Length" not in resp.headers
@@ -161,9 +145,9 @@ def test_stream_failing_mid_body_aborts_the_chunked_reply(target: FakeTarget):
 # ---- keep-alive, chunked requests --------------------------------------------------------------
 
 
-def test_partial_read_leaves_keepalive_connection_usable(target: FakeTarget):
+def test_partial_read_leaves_keepalive_connection_usable(module_target: FakeTarget):
     """§10 extra (a): 3 bytes read of a 1 MiB body; the rest is drained, the socket reused."""
-    with booted("transformers:StreamReads3", target) as server:
+    with booted("transformers:StreamReads3", module_target) as server:
         conn = connect(server)
         try:
             conn.request("PUT", "/src/big.bin", body=b"abc" + b"z" * (MIB - 3))
@@ -193,12 +177,12 @@ def chunked_body(parts: list[bytes]) -> Iterator[bytes]:
 
 
 @pytest.mark.parametrize("app", ["transformers:Upper", "transformers:UpperStream"])
-def test_chunked_request_body(target: FakeTarget, app: str):
+def test_chunked_request_body(module_target: FakeTarget, app: str):
     """PROTOCOL.md §5: upstream streaming stages send chunked PUTs; both modes accept them."""
     parts = [b"hel", b"lo ", letters(200_000), b"", b"!"]
     expected = b"".join(parts).upper()
     with (
-        booted(app, target) as server,
+        booted(app, module_target) as server,
         requests.put(f"{server.url}/src/a.txt", data=chunked_body(parts)) as resp,
     ):
         assert resp.request.headers.get("Transfer-Encoding") == "chunked"
@@ -215,22 +199,22 @@ def test_chunked_request_body(target: FakeTarget, app: str):
 
 @pytest.mark.parametrize("source", ["body", "fqn"])
 def test_stream_direct_put_is_chunked(
-    upper_stream: GunicornServer, fake: FakeTarget, tmp_path: Path, source: str
+    upper_stream: GunicornServer, target: FakeTarget, tmp_path: Path, source: str
 ):
     """§4.2 step 6 / §4.3: chunked PUT with the exact bytes; 200-empty -> 204 + byte count."""
     data = letters(300_000)
-    target = "/src/a.txt?etl_args=q"
+    uri = "/src/a.txt?etl_args=q"
     body = data
     if source == "fqn":
         obj = tmp_path / "a.txt"
         obj.write_bytes(data)
-        target += f"&etl_fqn={fqn_query(obj)}"
+        uri += f"&etl_fqn={fqn_query(obj)}"
         body = b""
-    hop = f"{fake.url}{DST_PATH}?{DST_QUERY}"
-    status, headers, reply = request(upper_stream, "PUT", target, body, {"Ais-Node-Url": hop})
+    hop = dst(target)
+    status, headers, reply = request(upper_stream, "PUT", uri, body, {"Ais-Node-Url": hop})
     assert (status, reply) == (204, b"")
     assert headers.get("Ais-Direct-Put-Length") == str(len(data))
-    (put,) = fake.puts
+    (put,) = target.puts
     assert put.path == SECRET_PATH + DST_PATH
     assert put.query == [("owt", "3"), ("uuid", "XID1"), ("etl_args", "q")]
     assert put.chunked
@@ -327,12 +311,12 @@ def test_reader_closed_when_stream_fails_mid_body(probe: GunicornServer, tmp_pat
 
 @pytest.mark.parametrize("plan", ["1", "1!"], ids=["delivered", "fails-mid-put"])
 def test_reader_closed_after_direct_put(
-    probe: GunicornServer, fake: FakeTarget, tmp_path: Path, plan: str
+    probe: GunicornServer, target: FakeTarget, tmp_path: Path, plan: str
 ):
     release(tmp_path, plan)
     if plan.endswith("!"):  # the put is cut mid-body: the hop drops it instead of replying
-        fake.script = [ResetMidBody(after=1 << 30)]
-    hop = f"{fake.url}{DST_PATH}?{DST_QUERY}"
+        target.script = [ResetMidBody(after=1 << 30)]
+    hop = dst(target)
     status, headers, body = request(
         probe, "PUT", probe_target(tmp_path), b"hello", {"Ais-Node-Url": hop}
     )
@@ -341,7 +325,7 @@ def test_reader_closed_after_direct_put(
     else:
         assert (status, body) == (204, b"")
         assert headers.get("Ais-Direct-Put-Length") == str(5 + 65536)
-        assert fake.puts[0].body == b"HELLO" + b"F" * 65536
+        assert target.puts[0].body == b"HELLO" + b"F" * 65536
     assert_closed_once(tmp_path)
 
 
@@ -387,26 +371,26 @@ def fqn_peak_growth(server: GunicornServer, tmp_path: Path) -> int:
     return vm_hwm_kib(worker) - base
 
 
-def test_constant_memory_streaming_256mib_fqn(target: FakeTarget, tmp_path: Path):
-    with booted("transformers:UpperStream", target) as server:
+def test_constant_memory_streaming_256mib_fqn(module_target: FakeTarget, tmp_path: Path):
+    with booted("transformers:UpperStream", module_target) as server:
         growth = fqn_peak_growth(server, tmp_path)
     assert growth < MAX_RSS_GROWTH_KIB, f"worker peak RSS grew by {growth} KiB"
 
 
-def test_peak_rss_probe_sees_a_buffered_transform(target: FakeTarget, tmp_path: Path):
+def test_peak_rss_probe_sees_a_buffered_transform(module_target: FakeTarget, tmp_path: Path):
     """Control for the test above: the same measurement catches a server that buffers."""
-    with booted("transformers:Upper", target) as server:
+    with booted("transformers:Upper", module_target) as server:
         growth = fqn_peak_growth(server, tmp_path)
     assert growth > BIG // 1024, f"buffered 256 MiB but peak RSS grew by only {growth} KiB"
 
 
-def test_constant_memory_full_duplex_put_256mib(target: FakeTarget):
+def test_constant_memory_full_duplex_put_256mib(module_target: FakeTarget):
     """A 256 MiB PUT body written by one thread while the chunked reply is read by another.
 
     A client that sends the whole body before reading would deadlock against any full-duplex
     streaming server (both sides' socket buffers fill up); the AIS Go target reads concurrently.
     """
-    with booted("transformers:UpperStream", target) as server:
+    with booted("transformers:UpperStream", module_target) as server:
         worker = only_worker(server)
         status, _, body = request(server, "PUT", "/src/warm", b"warm" * MIB)
         assert (status, len(body)) == (200, 4 * MIB)

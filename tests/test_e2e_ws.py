@@ -17,9 +17,7 @@ buffers.  Every wait is bounded by a deadline or a count.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import requests
@@ -35,14 +32,18 @@ import websocket
 from websocket import ABNF
 
 from tests.conftest import GunicornServer
+from tests.e2e_support import MIB, TIMEOUT, booted, request, vm_hwm_kib
 from tests.fake_target import SECRET_PATH, FakeTarget, Reply
+from tests.unit_support import (
+    DST_PATH,
+    DST_QUERY,
+    FQN_J,
+    closed_port,
+    dst,
+    path_escape,
+    write_object,
+)
 
-TIMEOUT = 30.0
-MIB = 1 << 20
-DST_PATH = "/ais%2F@%23%2Fdst%2Fa.txt"
-DST_QUERY = "owt=3&uuid=XID1"
-#: PROTOCOL.md §10 ``FQN_J``: the ws form of ``/mp1/@ais/src/%ob/hello.txt``.
-FQN_J = "%2Fmp1%2F@ais%2Fsrc%2F%25ob%2Fhello.txt"
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_MESSAGE_TOO_BIG = 1009
 
@@ -54,23 +55,6 @@ OP_PONG = ABNF.OPCODE_PONG
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def path_escape(fs_path: str | Path) -> str:
-    """Go ``url.PathEscape``: what the target puts in the control message's ``fqn`` (§6.2)."""
-    return quote(str(fs_path), safe="$&+:=@")
-
-
-def dst(target: FakeTarget) -> str:
-    """The §10 ``DST`` hop (a destination target), on ``target``."""
-    return f"{target.url}{DST_PATH}?{DST_QUERY}"
-
-
-def dead_port() -> int:
-    """A 127.0.0.1 port nobody listens on: bound, read, closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ws_url(server: GunicornServer) -> str:
@@ -145,14 +129,6 @@ def assert_connection_works(server: GunicornServer, text: bytes = b"still alive"
         send_task(ws, {"path": "again"}, text)
         assert recv(ws) == (OP_BINARY, text.upper())
     health_ok(server)
-
-
-def vm_hwm_kib(pid: int) -> int:
-    """Peak resident set size of ``pid`` so far, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
 
 
 class Background:
@@ -250,37 +226,16 @@ class FragmentReader:
 
 
 @pytest.fixture(scope="module")
-def target() -> Iterator[FakeTarget]:
-    with FakeTarget() as t:
-        yield t
-
-
-@pytest.fixture
-def fake(target: FakeTarget) -> FakeTarget:
-    target.reset()
-    return target
-
-
-def _boot(app: str, target: FakeTarget, **env: str) -> GunicornServer:
-    app = f'etl_wsgi.app:create_app("{app}")'
-    server = GunicornServer(app, {"AIS_TARGET_URL": target.url + SECRET_PATH, **env})
-    server.start()
-    return server
-
-
-@pytest.fixture(scope="module")
-def upper(target: FakeTarget) -> Iterator[GunicornServer]:
+def upper(module_target: FakeTarget) -> Iterator[GunicornServer]:
     """Buffered upper-case, shared by the module (a boot costs about a second)."""
-    server = _boot("transformers:Upper", target)
-    yield server
-    server.stop()
+    with booted("transformers:Upper", module_target) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def upper_stream(target: FakeTarget) -> Iterator[GunicornServer]:
-    server = _boot("transformers:UpperStream", target)
-    yield server
-    server.stop()
+def upper_stream(module_target: FakeTarget) -> Iterator[GunicornServer]:
+    with booted("transformers:UpperStream", module_target) as server:
+        yield server
 
 
 # ---- §10 vectors 18-20 ---------------------------------------------------------------------------
@@ -303,9 +258,7 @@ def test_vector18_transform_gets_path_and_etl_args(serve):
 
 def test_vector19_fqn_task_then_data_task_in_order(upper: GunicornServer, tmp_path: Path):
     assert path_escape("/mp1/@ais/src/%ob/hello.txt") == FQN_J
-    fqn_file = tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt"
-    fqn_file.parent.mkdir(parents=True)
-    fqn_file.write_bytes(b"hello")
+    fqn_file = write_object(tmp_path / "mp1" / "@ais" / "src" / "%ob" / "hello.txt")
     with ws_connect(upper) as ws:
         send_task(ws, {"fqn": path_escape(fqn_file), "path": "hello.txt"}, None)
         send_task(ws, {"path": "b"}, b"abc")
@@ -313,38 +266,38 @@ def test_vector19_fqn_task_then_data_task_in_order(upper: GunicornServer, tmp_pa
         assert recv(ws) == (OP_BINARY, b"ABC")
 
 
-def test_vector20_pipeline_direct_put_replies_text_count(upper: GunicornServer, fake: FakeTarget):
+def test_vector20_pipeline_direct_put_replies_text_count(upper: GunicornServer, target: FakeTarget):
     with ws_connect(upper) as ws:
-        send_task(ws, {"pipeline": dst(fake), "path": "a.txt"}, b"hello")
+        send_task(ws, {"pipeline": dst(target), "path": "a.txt"}, b"hello")
         assert recv(ws) == (OP_TEXT, b"5")
-    (put,) = fake.puts
+    (put,) = target.puts
     assert put.raw_path == f"{SECRET_PATH}{DST_PATH}?{DST_QUERY}"
     assert put.body == b"HELLO"
     assert put.header("Ais-Node-Url") is None
 
 
-def test_pipeline_etl_args_and_remaining_hops(upper: GunicornServer, fake: FakeTarget):
+def test_pipeline_etl_args_and_remaining_hops(upper: GunicornServer, target: FakeTarget):
     """A stage hop gets the object path, ``etl_args`` and the rest of the pipeline (§4.2)."""
-    fake.script = [Reply(204, headers={"Ais-Direct-Put-Length": "7"})]
+    target.script = [Reply(204, headers={"Ais-Direct-Put-Length": "7"})]
     with ws_connect(upper) as ws:
         send_task(
-            ws, {"pipeline": f"{fake.url},{dst(fake)}", "etl_args": "q", "path": "a.txt"}, b"hi"
+            ws, {"pipeline": f"{target.url},{dst(target)}", "etl_args": "q", "path": "a.txt"}, b"hi"
         )
         assert recv(ws) == (OP_TEXT, b"7")  # the count the next stage delivered
-    (put,) = fake.puts
+    (put,) = target.puts
     assert put.raw_path == "/a.txt?etl_args=q"
-    assert put.header("Ais-Node-Url") == dst(fake)
+    assert put.header("Ais-Node-Url") == dst(target)
     assert put.body == b"HI"
 
 
-def test_pipeline_last_stage_body_comes_back_binary(upper: GunicornServer, fake: FakeTarget):
-    fake.script = [Reply(200, b"HELLO!")]
+def test_pipeline_last_stage_body_comes_back_binary(upper: GunicornServer, target: FakeTarget):
+    target.script = [Reply(200, b"HELLO!")]
     with ws_connect(upper) as ws:
-        send_task(ws, {"pipeline": fake.url, "path": "a.txt"}, b"hello")
+        send_task(ws, {"pipeline": target.url, "path": "a.txt"}, b"hello")
         assert recv(ws) == (OP_BINARY, b"HELLO!")
         send_task(ws, {"path": "b"}, b"next")  # the connection goes on
         assert recv(ws) == (OP_BINARY, b"NEXT")
-    assert [p.body for p in fake.puts] == [b"HELLO"]
+    assert [p.body for p in target.puts] == [b"HELLO"]
 
 
 # ---- ordering and concurrency ------------------------------------------------------------------
@@ -407,16 +360,16 @@ def test_transform_exception_closes_1011_after_earlier_replies(upper: GunicornSe
     assert_connection_works(upper)
 
 
-def test_next_hop_error_status_closes_1011(upper: GunicornServer, fake: FakeTarget):
-    fake.script = [Reply(500, b"disk on fire")]
+def test_next_hop_error_status_closes_1011(upper: GunicornServer, target: FakeTarget):
+    target.script = [Reply(500, b"disk on fire")]
     with ws_connect(upper) as ws:
-        send_task(ws, {"pipeline": dst(fake), "path": "a.txt"}, b"hello")
+        send_task(ws, {"pipeline": dst(target), "path": "a.txt"}, b"hello")
         code, reason = expect_close(ws)  # never a success text frame (§6.3 pitfall)
     assert code == CLOSE_INTERNAL_ERROR
     assert "500" in reason
     assert "disk on fire" in reason
     assert "s3cr3tABCD" not in reason
-    assert [p.body for p in fake.puts] == [b"HELLO"]
+    assert [p.body for p in target.puts] == [b"HELLO"]
     assert_connection_works(upper)
 
 
@@ -431,7 +384,7 @@ def _existing(tmp_path: Path) -> str:
 #: Failures detected before or while transforming: ``messages(tmp_path)``, reason substring.
 FAILURES: dict[str, tuple[Callable[[Path], list[bytes]], str]] = {
     "next-hop-refused": (
-        lambda _: task({"pipeline": f"http://127.0.0.1:{dead_port()}", "path": "a"}, b"hi"),
+        lambda _: task({"pipeline": f"http://127.0.0.1:{closed_port()}", "path": "a"}, b"hi"),
         "ConnectionError",
     ),
     "bad-pipeline": (
@@ -620,18 +573,11 @@ def test_idle_connection_outlives_worker_timeout(serve):
     health_ok(server)
 
 
-def test_plain_get_ws_is_hpull_of_object_ws(upper: GunicornServer, fake: FakeTarget):
-    fake.objects[SECRET_PATH + "/ws"] = b"hello"
-    conn = http.client.HTTPConnection("127.0.0.1", upper.port, timeout=TIMEOUT)
-    try:
-        conn.request("GET", "/ws")
-        resp = conn.getresponse()
-        with resp:
-            status, body = resp.status, resp.read()
-    finally:
-        conn.close()
+def test_plain_get_ws_is_hpull_of_object_ws(upper: GunicornServer, target: FakeTarget):
+    target.objects[SECRET_PATH + "/ws"] = b"hello"
+    status, _, body = request(upper, "GET", "/ws")
     assert (status, body) == (200, b"HELLO")
-    assert [(r.method, r.raw_path) for r in fake.requests] == [("GET", SECRET_PATH + "/ws")]
+    assert [(r.method, r.raw_path) for r in target.requests] == [("GET", SECRET_PATH + "/ws")]
 
 
 # ---- shutdown and close handshake ----------------------------------------------------------------

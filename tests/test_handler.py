@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator
-from urllib.parse import quote
 
 import pytest
 
@@ -28,9 +27,7 @@ from etl_wsgi.sources import BodySource
 from tests.fake_target import SECRET_PATH, CloseAfterBody, FakeTarget
 from tests.fake_target import Reply as FakeReply
 from tests.transformers import Inspect, StreamFailFirst, Upper, UpperStream
-from tests.unit_support import clear_settings_env
-
-pytest_plugins = ["tests.unit_fixtures"]
+from tests.unit_support import dst, path_escape
 
 
 class ReturnsStr(ETLServer):
@@ -69,30 +66,9 @@ class RecordingStream(ETLServer):
 
 
 @pytest.fixture
-def make(monkeypatch, target: FakeTarget) -> Iterator[Callable[..., ETLServer]]:
-    made: list[ETLServer] = []
-
-    def build(cls: type[ETLServer], **env: str) -> ETLServer:
-        clear_settings_env(monkeypatch, **{"AIS_TARGET_URL": target.url + SECRET_PATH, **env})
-        etl = cls()
-        made.append(etl)
-        return etl
-
-    yield build
-    for etl in made:
-        etl.session.close()
-
-
-@pytest.fixture
-def obj(tmp_path):
-    path = tmp_path / "@ais" / "src" / "%ob" / "hello.txt"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"hello")
-    return path
-
-
-def fqn_of(path) -> str:
-    return quote(str(path), safe="@")
+def etl_target_url(target: FakeTarget) -> str:
+    """``make`` builds ETLs pointed at the module's FakeTarget."""
+    return target.url + SECRET_PATH
 
 
 def call(etl: ETLServer, req: ParsedRequest, body: io.BytesIO) -> Reply:
@@ -121,7 +97,7 @@ def test_buffered_body(make) -> None:
 
 
 def test_buffered_fqn_wins_over_body(make, obj) -> None:
-    reply = call(make(Upper), put(fqn=fqn_of(obj)), io.BytesIO(b"ignored"))
+    reply = call(make(Upper), put(fqn=path_escape(obj)), io.BytesIO(b"ignored"))
     assert reply.body == b"HELLO"
 
 
@@ -131,7 +107,7 @@ def test_buffered_passes_path_and_args(make, obj) -> None:
 
 
 def test_direct_fqn_passes_the_path_as_str(make, obj) -> None:
-    reply = call(make(Inspect, ETL_DIRECT_FQN="true"), put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(make(Inspect, ETL_DIRECT_FQN="true"), put(fqn=path_escape(obj)), io.BytesIO())
     assert reply.body == f"str:{obj}|src/a.txt|".encode()
 
 
@@ -142,12 +118,14 @@ def test_direct_fqn_without_fqn_passes_bytes(make) -> None:
 
 def test_direct_fqn_still_checks_the_file(make, tmp_path) -> None:
     with pytest.raises(ObjectNotFoundError):
-        call(make(Inspect, ETL_DIRECT_FQN="1"), put(fqn=fqn_of(tmp_path / "gone")), io.BytesIO())
+        call(
+            make(Inspect, ETL_DIRECT_FQN="1"), put(fqn=path_escape(tmp_path / "gone")), io.BytesIO()
+        )
 
 
 def test_missing_fqn_file(make, tmp_path) -> None:
     with pytest.raises(ObjectNotFoundError, match=r"'src/gone.txt'.*gone.txt'"):
-        call(make(Upper), put("src/gone.txt", fqn=fqn_of(tmp_path / "gone.txt")), io.BytesIO())
+        call(make(Upper), put("src/gone.txt", fqn=path_escape(tmp_path / "gone.txt")), io.BytesIO())
 
 
 def test_transform_returning_str_is_a_transform_error(make) -> None:
@@ -212,7 +190,7 @@ def recording(make) -> Iterator[Callable[..., ETLServer]]:
 
 
 def test_streaming_reply(make, obj) -> None:
-    reply = call(make(UpperStream), put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(make(UpperStream), put(fqn=path_escape(obj)), io.BytesIO())
     assert (reply.status, reply.headers, reply.content_type) == (
         200,
         {},
@@ -223,7 +201,7 @@ def test_streaming_reply(make, obj) -> None:
 
 def test_streaming_reply_closes_the_reader(recording, obj) -> None:
     etl = recording()
-    reply = call(etl, put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(etl, put(fqn=path_escape(obj)), io.BytesIO())
     (reader,) = etl.readers
     assert not reader.closed
     assert collect(reply) == b"HELLO"
@@ -232,7 +210,7 @@ def test_streaming_reply_closes_the_reader(recording, obj) -> None:
 
 def test_streaming_reply_closes_the_reader_when_never_iterated(recording, obj) -> None:
     etl = recording()
-    reply = call(etl, put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(etl, put(fqn=path_escape(obj)), io.BytesIO())
     reply.body.close()  # type: ignore[union-attr]
     assert etl.readers[0].closed
 
@@ -245,13 +223,13 @@ def test_streaming_over_the_request_body(make) -> None:
 
 def test_streaming_fails_at_once_before_the_reply(make, obj) -> None:
     with pytest.raises(TransformError, match=r"^bad stream$"):
-        call(make(StreamFailFirst), put(fqn=fqn_of(obj)), io.BytesIO())
+        call(make(StreamFailFirst), put(fqn=path_escape(obj)), io.BytesIO())
 
 
 def test_streaming_failure_after_first_chunk_cuts_the_body(recording, obj, caplog) -> None:
     obj.write_bytes(b"hello world")
     etl = recording(fail=True)
-    reply = call(etl, put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(etl, put(fqn=path_escape(obj)), io.BytesIO())
     chunks = iter(reply.body)
     assert next(chunks) == b"HELL"
     with (
@@ -266,32 +244,28 @@ def test_streaming_failure_after_first_chunk_cuts_the_body(recording, obj, caplo
 
 def test_streaming_yielding_str_is_a_transform_error(recording, obj) -> None:
     with pytest.raises(TransformError, match=r"yielded str, expected bytes"):
-        call(recording(chunk_type=lambda b: b.decode()), put(fqn=fqn_of(obj)), io.BytesIO())
+        call(recording(chunk_type=lambda b: b.decode()), put(fqn=path_escape(obj)), io.BytesIO())
 
 
 def test_streaming_yielding_bytearray_is_accepted(recording, obj) -> None:
-    reply = call(recording(chunk_type=bytearray), put(fqn=fqn_of(obj)), io.BytesIO())
+    reply = call(recording(chunk_type=bytearray), put(fqn=path_escape(obj)), io.BytesIO())
     assert collect(reply) == b"HELLO"
 
 
 def test_streaming_missing_file_fails_before_transform(recording, tmp_path) -> None:
     etl = recording()
     with pytest.raises(ObjectNotFoundError):
-        call(etl, put(fqn=fqn_of(tmp_path / "gone")), io.BytesIO())
+        call(etl, put(fqn=path_escape(tmp_path / "gone")), io.BytesIO())
     assert etl.readers == []
 
 
 # --- pipelines / direct put --------------------------------------------------------------------
 
 
-def dst(target: FakeTarget) -> str:
-    return f"{target.url}/ais%2F@%23%2Fdst%2Fa.txt?owt=3&uuid=XID1"
-
-
 def test_invalid_pipeline_is_raised_before_any_input(recording, obj) -> None:
     etl = recording()
     with pytest.raises(InvalidPipelineError):
-        call(etl, put(fqn=fqn_of(obj), node_url="http://a:1,,http://b:2"), io.BytesIO())
+        call(etl, put(fqn=path_escape(obj), node_url="http://a:1,,http://b:2"), io.BytesIO())
     assert etl.readers == []
 
 
@@ -333,7 +307,7 @@ def test_next_hop_error_passes_through(make, target: FakeTarget) -> None:
 
 def test_streaming_direct_put_counts_bytes(recording, obj, target: FakeTarget) -> None:
     etl = recording()
-    reply = call(etl, put(fqn=fqn_of(obj), node_url=dst(target)), io.BytesIO())
+    reply = call(etl, put(fqn=path_escape(obj), node_url=dst(target)), io.BytesIO())
     assert reply == Reply(204, b"", {"Ais-Direct-Put-Length": "5"}, None)
     (sent,) = target.puts
     assert sent.chunked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
-from urllib.parse import quote
+from pathlib import Path
 
 import pytest
 import requests
@@ -30,18 +30,11 @@ from etl_wsgi.sources import (
     select_source,
 )
 from tests.fake_target import SECRET_PATH, FakeTarget
-from tests.unit_support import closed_port
-
-pytest_plugins = ["tests.unit_fixtures"]
+from tests.unit_support import closed_port, path_escape, write_object
 
 TIMEOUT = (5.0, 5.0)
 UNAME = "ais/@#/src/hello.txt"
 ESCAPED = "ais%2F@%23%2Fsrc%2Fhello.txt"
-
-
-def fqn_of(path: os.PathLike | str) -> str:
-    """``etl_fqn`` as the target sends it, after query decoding: path-escaped (§3)."""
-    return quote(str(path), safe="@")
 
 
 @pytest.fixture
@@ -55,15 +48,13 @@ def session() -> Iterator[requests.Session]:
 
 
 @pytest.fixture
-def obj(tmp_path):
-    path = tmp_path / "@ais" / "src" / "%ob" / "hello world.txt"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"hello")
-    return path
+def obj(tmp_path: Path) -> Path:
+    """Overrides conftest's ``obj``: a name with a space, ``.../@ais/src/%ob/hello world.txt``."""
+    return write_object(tmp_path / "@ais" / "src" / "%ob" / "hello world.txt")
 
 
 def test_file_source_reads_the_file(obj) -> None:
-    src = FileSource(fqn_of(obj), "src/hello world.txt")
+    src = FileSource(path_escape(obj), "src/hello world.txt")
     assert src.fs_path == str(obj)
     assert src.replayable
     assert src.read_all() == b"hello"
@@ -75,14 +66,14 @@ def test_file_source_reads_the_file(obj) -> None:
 
 
 def test_file_source_normalizes_the_fqn(obj, tmp_path) -> None:
-    twisted = fqn_of(tmp_path / "@ais" / "src" / "x" / ".." / "%ob" / "." / "hello world.txt")
+    twisted = path_escape(tmp_path / "@ais" / "src" / "x" / ".." / "%ob" / "." / "hello world.txt")
     assert FileSource(twisted, "o").fs_path == str(obj)
 
 
 @pytest.mark.parametrize("action", ["open", "read_all", "check"])
 def test_missing_file_is_404_naming_both_paths(tmp_path, action: str) -> None:
     gone = tmp_path / "gone.txt"
-    src = FileSource(fqn_of(gone), "src/gone.txt")
+    src = FileSource(path_escape(gone), "src/gone.txt")
     with pytest.raises(ObjectNotFoundError) as info:
         getattr(src, action)()
     err = info.value
@@ -93,13 +84,13 @@ def test_missing_file_is_404_naming_both_paths(tmp_path, action: str) -> None:
 @pytest.mark.parametrize("action", ["open", "read_all", "check"])
 def test_directory_is_404(tmp_path, action: str) -> None:
     with pytest.raises(ObjectNotFoundError):
-        getattr(FileSource(fqn_of(tmp_path), "src/dir"), action)()
+        getattr(FileSource(path_escape(tmp_path), "src/dir"), action)()
 
 
 @pytest.mark.parametrize("action", ["open", "check"])
 def test_path_through_a_file_is_404(obj, action: str) -> None:
     with pytest.raises(ObjectNotFoundError):
-        getattr(FileSource(fqn_of(obj / "below"), "o"), action)()
+        getattr(FileSource(path_escape(obj / "below"), "o"), action)()
 
 
 @pytest.mark.skipif(
@@ -109,7 +100,7 @@ def test_permission_denied_is_403(obj) -> None:
     obj.chmod(0)
     try:
         with pytest.raises(FileAccessError) as info:
-            FileSource(fqn_of(obj), "src/hello.txt").read_all()
+            FileSource(path_escape(obj), "src/hello.txt").read_all()
         assert info.value.status == 403
         assert "permission denied" in info.value.message
     finally:
@@ -118,7 +109,7 @@ def test_permission_denied_is_403(obj) -> None:
 
 @pytest.mark.parametrize("action", ["open", "check"])
 def test_nul_byte_is_400(tmp_path, action: str) -> None:
-    src = FileSource(fqn_of(tmp_path) + "%2Fa%00b", "o")
+    src = FileSource(path_escape(tmp_path) + "%2Fa%00b", "o")
     with pytest.raises(BadRequestError) as info:
         getattr(src, action)()
     assert info.value.status == 400
@@ -126,7 +117,7 @@ def test_nul_byte_is_400(tmp_path, action: str) -> None:
 
 
 def test_name_too_long_is_400(tmp_path) -> None:
-    src = FileSource(fqn_of(tmp_path / ("x" * 5000)), "o")
+    src = FileSource(path_escape(tmp_path / ("x" * 5000)), "o")
     with pytest.raises(BadRequestError) as info:
         src.open()
     assert "cannot open" in info.value.message
