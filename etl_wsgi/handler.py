@@ -36,7 +36,7 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str | None = None
     #: Memory-budget bytes to release once the reply is written (see :meth:`done`).
-    held: int = 0
+    held: int = field(default=0, compare=False)
 
 
 def http_source(

@@ -209,7 +209,11 @@ def test_two_requests_on_one_keepalive_connection(module_target: FakeTarget):
 
 
 def test_concurrent_slow_requests_overlap(module_target: FakeTarget):
-    """50 PUTs of a transform sleeping 0.2 s (cooperatively) on 2 workers: far below 10 s."""
+    """50 PUTs of a transform sleeping 0.2 s (cooperatively) on 2 workers: far below 10 s.
+
+    ``inline``: a cooperative transform runs in its greenlet, so the gevent worker overlaps all
+    of them (in ``thread`` mode they would share ``ETL_TRANSFORM_THREADS`` threads).
+    """
     n = 50
     barrier = threading.Barrier(n, timeout=TIMEOUT)
 
@@ -224,7 +228,9 @@ def test_concurrent_slow_requests_overlap(module_target: FakeTarget):
         finally:
             conn.close()
 
-    with booted("transformers:SlowUpper", module_target, workers=2) as server:
+    with booted(
+        "transformers:SlowUpper", module_target, workers=2, ETL_TRANSFORM_EXECUTOR="inline"
+    ) as server:
         assert len(server.worker_pids()) == 2
         started = time.monotonic()
         with ThreadPoolExecutor(n) as pool:
