@@ -35,7 +35,7 @@ class Reply:
     body: bytes | Iterable[bytes] = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str | None = None
-    #: Memory-budget bytes to release once the reply is written (see :meth:`done`).
+    #: Memory-budget bytes the adapter releases once the reply is written.
     held: int = field(default=0, compare=False)
 
 
@@ -63,11 +63,13 @@ def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
 
     budget = etl.memory_budget
     # Input and output of a buffered transform are both in memory: reserve twice the input.
-    held = budget.acquire(2 * (source.size_hint() or 0))
+    hint = source.size_hint()
+    held = budget.acquire(2 * (hint or 0))
     try:
-        data = transform_buffered(etl, req, source)
-        if source.size_hint() is None:  # size known only now (chunked body, upstream GET)
-            held += budget.acquire(2 * len(data))
+        data_in = read_input(etl, source)
+        if hint is None:  # size known only now (chunked body, upstream GET)
+            held += budget.acquire(2 * len(data_in))
+        data = etl.executor.run(_call_transform, etl, req, data_in)
         if pipeline is None:
             return Reply(HTTPStatus.OK, data, content_type=etl.get_mime_type(), held=held)
         reply = _direct_put(etl, req, pipeline, lambda: Attempt(data), None)
@@ -78,19 +80,21 @@ def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
 
 
 def transform_buffered(etl: ETLServer, req: ParsedRequest, source: Source) -> bytes:
-    """Read the input whole (or the FQN path with ``ETL_DIRECT_FQN``) and call ``transform``.
+    """Read the input whole (or the FQN path with ``ETL_DIRECT_FQN``) and call ``transform``."""
+    return etl.executor.run(_call_transform, etl, req, read_input(etl, source))
 
-    FQN reads and the transform go through ``etl.executor`` (off the event loop in ``thread``
-    mode); socket inputs are read in the request's greenlet, which owns the socket.
+
+def read_input(etl: ETLServer, source: Source) -> bytes | str:
+    """The whole input, or the FQN path with ``ETL_DIRECT_FQN`` (the transform opens it).
+
+    FQN reads go through ``etl.executor`` (off the event loop in ``thread`` mode); socket
+    inputs are read in the request's greenlet, which owns the socket.
     """
-    data: bytes | str
     if etl.direct_fqn and isinstance(source, FileSource):
-        data = source.check()
-    elif isinstance(source, FileSource):
-        data = etl.executor.run(source.read_all)
-    else:
-        data = source.read_all()
-    return etl.executor.run(_call_transform, etl, req, data)
+        return source.check()
+    if isinstance(source, FileSource):
+        return etl.executor.run(source.read_all)
+    return source.read_all()
 
 
 def _call_transform(etl: ETLServer, req: ParsedRequest, data: bytes | str) -> bytes:

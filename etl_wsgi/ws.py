@@ -163,7 +163,7 @@ class ChunkQueueReader:
         while not self._eof:
             try:
                 self._next()
-            except BaseException:
+            except WebSocketClosed:  # the only exception the connection's reader queues
                 return
 
     def close(self) -> None:
@@ -188,6 +188,10 @@ class Task:
 
     req: ParsedRequest
     source: Source
+
+    def close(self, etl: ETLServer) -> None:
+        """Drain a streamed data message the transform left unread (no-op for other inputs)."""
+        etl.close_reader(getattr(self.source, "reader", None))
 
 
 # --- the session ------------------------------------------------------------------------------
@@ -254,7 +258,8 @@ class WebSocketSession:
             if task is _STOP:
                 self._reader_stopped = True
                 return
-            self.etl.close_reader(getattr(getattr(task, "source", None), "reader", None))
+            if isinstance(task, Task):
+                task.close(self.etl)
 
     def going_away(self) -> None:
         """The worker is stopping: close now if idle (1001), else after the task in flight."""
@@ -286,7 +291,7 @@ class WebSocketSession:
                 return
             finally:
                 self._busy = False
-                self.etl.close_reader(getattr(task.source, "reader", None))
+                task.close(self.etl)
             if self._going_away and self._idle():
                 self.close(CloseReason.GOING_AWAY, "server shutting down")
 
@@ -395,7 +400,7 @@ class WebSocketSession:
         size = 0
         for event in events:
             self._at_boundary = False
-            data = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
+            data = _payload(event)
             size += len(data)
             if size > limit:
                 raise _TooBig(f"message larger than {limit} bytes")
@@ -407,7 +412,7 @@ class WebSocketSession:
     def _pump(self, events: Iterator[BytesMessage | TextMessage], stream: ChunkQueueReader) -> None:
         """Feed one data message into ``stream`` as it arrives (blocks while the transform lags)."""
         for event in events:
-            data = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
+            data = _payload(event)
             if data:
                 stream.chunks.put(data)
             if event.message_finished:
@@ -447,6 +452,10 @@ class WebSocketSession:
                 self.sock.sendall(self.ws.send(CloseConnection(code, _short(reason))))
             except Exception:  # already gone
                 pass
+
+
+def _payload(event: BytesMessage | TextMessage) -> bytes:
+    return event.data.encode() if isinstance(event.data, str) else bytes(event.data)
 
 
 def _short(reason: str) -> str:
