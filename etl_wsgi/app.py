@@ -16,6 +16,7 @@ from werkzeug.utils import ImportStringError, import_string
 from etl_wsgi.base_etl_server import ETLServer
 from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.extension import ETLExtension
+from etl_wsgi.fastpath import ObjectRoutes
 
 
 def resolve_etl(etl: Any = None) -> ETLServer:
@@ -43,12 +44,17 @@ def resolve_etl(etl: Any = None) -> ETLServer:
 
 
 def create_app(etl: Any = None) -> Flask:
-    """A Flask app serving one ETL at the root (``/health``, ``GET|PUT /<path>``)."""
+    """A Flask app serving one ETL at the root (``/health``, ``GET|PUT /<path>``).
+
+    Object requests take the direct WSGI path of :mod:`etl_wsgi.fastpath`; the app's static
+    routes (``/health``, ``/ws``, any route added to the app) stay Flask's.
+    """
     from etl_wsgi.flask_server import FlaskServer
 
     server = resolve_etl(etl)
     if isinstance(server, FlaskServer):
         return server.app
-    app = Flask("etl_wsgi")
+    app = Flask("etl_wsgi", static_folder=None)  # "/static/<path>" would shadow objects
     ETLExtension(app, server)
+    app.wsgi_app = ObjectRoutes(server, app, "etl_wsgi.")  # type: ignore[method-assign]
     return app

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
 from etl_wsgi.errors import ETLError
@@ -31,7 +33,39 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
     def health() -> Response:
         return Response(HEALTH_BODY, status=HTTPStatus.OK, content_type="text/plain")
 
-    def transform(path: str = "") -> Response:
+    def transform(path: str = "") -> WerkzeugResponse:
+        return serve_object(etl, request, path)
+
+    def websocket() -> WerkzeugResponse:
+        """``/ws`` (PROTOCOL.md §6); a plain GET of an object named ``ws`` is still hpull."""
+        if not is_upgrade(request.environ):
+            return transform("ws")
+        serve_websocket(etl, request.environ)
+        return _SocketTakenOver()
+
+    def on_error(exc: Exception) -> Response | HTTPException:
+        if isinstance(exc, HTTPException):  # routing, 405, 413...: Werkzeug's own answer
+            return exc
+        return exception_response(etl, request, exc)
+
+    # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
+    bp.add_url_rule("/health", "health", health, methods=["GET"])
+    bp.add_url_rule("/ws", "websocket", websocket, methods=["GET"], websocket=True)
+    bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
+    bp.add_url_rule(
+        "/<path:path>", "transform", transform, methods=["GET", "PUT"], merge_slashes=False
+    )
+    bp.register_error_handler(Exception, on_error)
+    return bp
+
+
+def serve_object(etl: ETLServer, request: Request, path: str) -> WerkzeugResponse:
+    """``GET|PUT /<path>``: one object through :func:`handle`, errors mapped (§2, §7).
+
+    The one request flow of both adapters: the blueprint's view and :class:`~etl_wsgi.fastpath.
+    ObjectRoutes` (``create_app``'s direct WSGI path) call it with their Werkzeug request.
+    """
+    try:
         req = ParsedRequest(
             method=request.method,
             path=path,
@@ -41,39 +75,14 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
         )
         source = http_source(etl, req, request.stream, request.content_length)
         reply = handle(etl, req, source)
-        response = to_response(reply)
-        if reply.held:
-            response.call_on_close(lambda: etl.memory_budget.release(reply.held))
-        return response
-
-    def websocket() -> Response:
-        """``/ws`` (PROTOCOL.md §6); a plain GET of an object named ``ws`` is still hpull."""
-        if not is_upgrade(request.environ):
-            return transform("ws")
-        serve_websocket(etl, request.environ)
-        return _SocketTakenOver()
-
-    def on_etl_error(exc: ETLError) -> Response:
-        return error_response(etl, exc)
-
-    def on_unexpected(exc: Exception) -> Response | HTTPException:
-        if isinstance(exc, HTTPException):  # routing, 405, 413...: Werkzeug's own answer
-            return exc
-        etl.logger.error(
-            "%s %r: unexpected error: %s", request.method, request.path, exc, exc_info=exc
-        )
-        return error_response(etl, ETLError(f"{type(exc).__name__}: {exc}"))
-
-    # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
-    bp.add_url_rule("/health", "health", health, methods=["GET"])
-    bp.add_url_rule("/ws", "websocket", websocket, methods=["GET"], websocket=True)
-    bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
-    bp.add_url_rule(
-        "/<path:path>", "transform", transform, methods=["GET", "PUT"], merge_slashes=False
-    )
-    bp.register_error_handler(ETLError, on_etl_error)
-    bp.register_error_handler(Exception, on_unexpected)
-    return bp
+    except HTTPException as exc:  # e.g. ClientDisconnected while reading the body: a 400
+        return exc.get_response(request.environ)
+    except Exception as exc:
+        return exception_response(etl, request, exc)
+    response = to_response(reply)
+    if reply.held:
+        response.call_on_close(lambda: etl.memory_budget.release(reply.held))
+    return response
 
 
 def to_response(reply: Reply) -> Response:
@@ -100,7 +109,18 @@ class _SocketTakenOver(Response):
         raise ConnectionError("WebSocket session ended")
 
 
-def error_response(etl: ETLServer, exc: ETLError) -> Response:
+def exception_response(etl: ETLServer, request: Request, exc: Exception) -> Response:
+    """Any exception as its reply: typed errors as themselves, anything else as a logged 500."""
+    if isinstance(exc, ETLError):
+        return error_response(etl, request, exc)
+    wrapped = ETLError(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return error_response(etl, request, wrapped, exc_info=exc)
+
+
+def error_response(
+    etl: ETLServer, request: Request, exc: ETLError, exc_info: BaseException | None = None
+) -> Response:
     """The one mapping of errors to the wire (PROTOCOL.md §7), logged once with path and cause.
 
     The per-ETL secret of ``AIS_TARGET_URL`` is redacted: error bodies end up in AIS job errors.
@@ -115,6 +135,7 @@ def error_response(etl: ETLServer, exc: ETLError) -> Response:
         exc.status,
         message,
         f" (cause: {type(cause).__name__})" if cause is not None else "",
+        exc_info=exc_info,
     )
     body = json.dumps({"error": message}).encode()
     return Response(body, status=exc.status, headers=exc.headers, content_type="application/json")

@@ -1,0 +1,71 @@
+"""etl_wsgi.fastpath: ``create_app``'s direct WSGI path for object requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+
+from etl_wsgi.app import create_app
+from etl_wsgi.fastpath import ObjectRoutes
+from tests.unit_support import TARGET_URL, clear_settings_env, close_sessions
+
+
+@pytest.fixture
+def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+    clear_settings_env(monkeypatch, AIS_TARGET_URL=TARGET_URL)
+    app = create_app("tests.transformers:Inspect")
+    flask_seen: list[str] = []
+    app.before_request(lambda: flask_seen.append("seen") and None)
+    app.config["flask_seen"] = flask_seen
+    yield app
+    close_sessions(app)
+
+
+def test_object_requests_bypass_flask_the_rest_does_not(app: Flask) -> None:
+    assert isinstance(app.wsgi_app, ObjectRoutes)
+    client = app.test_client()
+    reply = client.put("/b/o.txt?etl_args=k", data=b"x")
+    assert (reply.status_code, reply.data) == (200, b"bytes:x|b/o.txt|k")
+    assert app.config["flask_seen"] == []
+    assert client.get("/health").data == b"Running"
+    assert app.config["flask_seen"] == ["seen"]
+
+
+def test_other_methods_get_flasks_405_with_allow(app: Flask) -> None:
+    reply = app.test_client().post("/b/o")
+    assert reply.status_code == 405
+    assert {"GET", "PUT"} <= set(reply.headers["Allow"].replace(" ", "").split(","))
+
+
+def test_a_leading_slash_of_the_object_name_is_kept(app: Flask) -> None:
+    # (the test client would read "//abs/o" as a host; gunicorn passes it as the path)
+    reply = app.test_client().put("/", data=b"x", environ_overrides={"PATH_INFO": "//abs/o"})
+    assert reply.data == b"bytes:x|/abs/o|"
+
+
+def test_utf8_object_names_are_decoded(app: Flask) -> None:
+    reply = app.test_client().put("/b/%C3%A9t%C3%A9", data=b"x")
+    assert reply.data == "bytes:x|b/été|".encode()
+
+
+def test_a_static_route_added_after_create_app_is_flasks(app: Flask) -> None:
+    app.add_url_rule("/version", "version", lambda: "1.0")
+    client = app.test_client()
+    assert client.get("/version").data == b"1.0"
+    assert client.put("/versionX", data=b"x").data == b"bytes:x|versionX|"
+
+
+def test_a_variable_route_added_turns_the_direct_path_off(app: Flask) -> None:
+    app.add_url_rule("/api/<name>", "api", lambda name: f"api {name}")
+    client = app.test_client()
+    assert client.get("/api/x").data == b"api x"
+    assert client.put("/b/o", data=b"x").data == b"bytes:x|b/o|"
+    assert app.config["flask_seen"] == ["seen", "seen"]
+
+
+def test_errors_take_the_one_error_table(app: Flask) -> None:
+    reply = app.test_client().put("/b/o", data=b"x", headers={"Ais-Node-Url": "ftp://x/y"})
+    assert reply.status_code == 400
+    assert reply.is_json and "error" in reply.json
