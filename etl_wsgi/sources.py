@@ -18,6 +18,7 @@ import os
 from typing import IO, TYPE_CHECKING
 
 import requests
+import urllib3
 
 from etl_wsgi.const import DRAIN_CHUNK_BYTES
 from etl_wsgi.errors import (
@@ -116,8 +117,18 @@ class UpstreamSource(Source):
         return resp
 
     def read_all(self) -> bytes:
-        with self._get(stream=False) as resp:
-            return resp.content
+        """The whole object in one ``read()``: ``resp.content`` would join 10 KiB pieces.
+
+        Reading to the end hands the connection back to the pool (kept alive); a short body
+        (``Content-Length`` not met) or a reset is a network error, 502.
+        """
+        with self._get(stream=True) as resp:
+            try:
+                return resp.raw.read(decode_content=True)  # type: ignore[no-any-return]
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise UpstreamNetworkError(
+                    f"Network error reading the object: {type(exc).__name__}: {exc}"
+                ) from exc
 
     def open(self) -> IO[bytes]:
         return ResponseReader(self._get(stream=True))  # type: ignore[return-value]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import socketserver
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,6 +199,45 @@ def test_response_reader_close_returns_the_connection_to_the_pool(
         assert conn.sock is not None  # back in the pool, still connected: kept alive
         socks.add(conn.sock)
     assert len(socks) == 1  # one socket served all three GETs
+
+
+def test_read_all_keeps_the_connection_alive(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = bytes(range(256)) * 4096  # 1 MiB
+    src = upstream(session, target)
+    socks = set()
+    for _ in range(3):
+        assert src.read_all() == bytes(range(256)) * 4096
+        (conn,) = _pooled(session, src.url)
+        assert conn.sock is not None
+        socks.add(conn.sock)
+    assert len(socks) == 1
+
+
+@pytest.fixture
+def truncating_target() -> Iterator[str]:
+    """A target answering every GET with ``Content-Length: 1000`` and 5 bytes, then closing."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            while self.rfile.readline(65537) not in (b"\r\n", b""):
+                pass
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nshort")
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler) as server:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}{SECRET_PATH}"
+        server.shutdown()
+
+
+def test_read_all_of_a_truncated_body_is_502(session, truncating_target: str) -> None:
+    src = UpstreamSource(session, truncating_target, UNAME, TIMEOUT)
+    with pytest.raises(UpstreamNetworkError) as info:
+        src.read_all()
+    assert info.value.status == 502
+    assert "IncompleteRead" in info.value.message
+    assert all(conn.sock is None for conn in _pooled(session, src.url))  # never reused
 
 
 def test_response_reader_close_after_partial_read(session, target: FakeTarget) -> None:
