@@ -120,8 +120,7 @@ def _existing_file(raw: str) -> str:
 
 
 def _readable_file(raw: str) -> str:
-    if not os.path.isfile(raw):
-        raise ValueError("file does not exist")
+    _existing_file(raw)
     if not os.access(raw, os.R_OK):
         raise ValueError("file is not readable")
     return raw

@@ -19,6 +19,7 @@ import pytest
 from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.confine import Destinations, FqnRoots
 from etl_wsgi.errors import DestinationNotAllowedError, FqnNotAllowedError
+from etl_wsgi.protocol import Pipeline, parse_pipeline
 from tests.conftest import GunicornServer
 from tests.e2e_support import booted, request
 from tests.fake_target import SECRET_PATH, FakeTarget, Reply
@@ -126,6 +127,14 @@ def test_destinations_allows(url: str, allowed: bool) -> None:
 
 def test_empty_destinations_allow_anything() -> None:
     assert Destinations().allows("http://evil.example:1", TARGET_URL)
+
+
+def test_pipeline_hops_are_every_entry_in_order() -> None:
+    pipeline = parse_pipeline(" http://a:1 , http://b:2/x?owt=1 ,http://c ")
+    assert pipeline is not None
+    assert pipeline.hops == ["http://a:1", "http://b:2/x?owt=1", "http://c"]
+    assert parse_pipeline("http://a:1") == Pipeline("http://a:1")
+    assert Pipeline("http://a:1").hops == ["http://a:1"]
 
 
 def test_check_names_the_first_disallowed_hop() -> None:
