@@ -20,8 +20,9 @@ from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.confine import Destinations, FqnRoots
 from etl_wsgi.errors import DestinationNotAllowedError, FqnNotAllowedError
 from etl_wsgi.protocol import Pipeline, parse_pipeline
+from etl_wsgi.sources import FileSource
 from tests.conftest import GunicornServer
-from tests.e2e_support import booted, request
+from tests.e2e_support import booted, connect, request
 from tests.fake_target import SECRET_PATH, FakeTarget, Reply
 from tests.test_e2e_ws import OP_BINARY, OP_TEXT, expect_close, recv, send_task, ws_connect
 from tests.unit_support import TARGET_URL, dst, fqn_query, path_escape, write_object
@@ -82,6 +83,20 @@ def test_resolve(tree: Path, relative: str, allowed: bool) -> None:
         with pytest.raises(FqnNotAllowedError, match="outside the allowed FQN roots") as info:
             roots.resolve(path, "obj")
         assert info.value.status == 403
+
+
+def test_file_source_uses_the_checked_path(tree: Path) -> None:
+    roots = FqnRoots((str(tree / "root"),))
+    alias = FileSource(path_escape(tree / "root" / "alias"), "obj", roots)
+    assert alias.check() == str(tree / "root" / "@ais" / "b" / "in.txt")  # ETL_DIRECT_FQN
+    assert alias.size_hint() == len(b"inside")
+    with alias.open() as reader:
+        assert reader.read() == b"inside"
+    escape = FileSource(path_escape(tree / "root" / "escape"), "obj", roots)
+    assert escape.size_hint() is None  # no size of a file outside the roots either
+    for access in (escape.check, escape.open):
+        with pytest.raises(FqnNotAllowedError):
+            access()
 
 
 def test_no_roots_is_unrestricted() -> None:
@@ -228,6 +243,22 @@ def test_disallowed_destination_is_403_and_nothing_is_sent(
     status, body = hop_put(confined, dst(evil), b"boom")
     assert status == 403, body
     assert f"'127.0.0.1:{evil.port}' is not allowed" in json.loads(body)["error"]
+    assert evil.requests == []
+
+
+def test_refused_body_is_skipped_on_a_kept_alive_connection(
+    confined: GunicornServer, clean: FakeTarget, evil: FakeTarget
+) -> None:
+    conn = connect(confined)
+    try:
+        conn.request("PUT", "/src/a.txt", body=b"x" * 100_000, headers={"Ais-Node-Url": evil.url})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()[:11]) == (403, b'{"error": "')
+        conn.request("PUT", "/src/b.txt", body=b"next")  # same connection: not desynchronised
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"NEXT")
+    finally:
+        conn.close()
     assert evil.requests == []
 
 
