@@ -68,9 +68,13 @@ class FileSource(Source):
         self.fs_path = sanitize_fqn(fqn)
         self.obj_path = obj_path
         self.roots = roots or FqnRoots()
+        self._resolved: str | None = None
 
     def _allowed_path(self) -> str:
-        return self.roots.resolve(self.fs_path, self.obj_path)
+        """Resolved and checked once per request (size hint, open, re-opens for retries)."""
+        if self._resolved is None:
+            self._resolved = self.roots.resolve(self.fs_path, self.obj_path)
+        return self._resolved
 
     def size_hint(self) -> int | None:
         try:
