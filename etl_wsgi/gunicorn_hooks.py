@@ -110,6 +110,12 @@ def on_starting(server: Any) -> None:
         s.keepalive,
         soft,
     )
+    log.info(
+        "etl-wsgi: ETL_FQN_ROOTS=%s, ETL_ALLOWED_DESTINATIONS=%s, serving %s",
+        s.fqn_roots or "(any path)",
+        s.allowed_destinations or "(any host)",
+        "HTTPS" if s.certfile else "HTTP",
+    )
 
 
 def post_worker_init(worker: Any) -> None:

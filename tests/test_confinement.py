@@ -214,6 +214,13 @@ def test_fqn_inside_root_is_read(confined: GunicornServer, roots: Path) -> None:
     assert fqn_put(confined, roots / "mp1/@ais/src/%ob/hello.txt") == (200, b"HELLO")
 
 
+def test_policies_are_logged_at_startup(
+    confined: GunicornServer, roots: Path, stage: FakeTarget
+) -> None:
+    line = f"ETL_FQN_ROOTS={roots / 'mp1'}, ETL_ALLOWED_DESTINATIONS=127.0.0.1:{stage.port}, "
+    assert line + "serving HTTP" in confined.log()
+
+
 def test_missing_fqn_inside_root_is_still_404(confined: GunicornServer, roots: Path) -> None:
     status, body = fqn_put(confined, roots / "mp1/@ais/src/%ob/nope.txt")
     assert status == 404, body

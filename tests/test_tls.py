@@ -257,7 +257,9 @@ def test_https_put_verified_with_the_ca(https_server: TLSGunicornServer, pki: Pk
     finally:
         conn.close()
     # gunicorn imports ssl in the master; gevent still patches it cleanly in the worker
-    assert "MonkeyPatchWarning" not in https_server.log()
+    log = https_server.log()
+    assert "MonkeyPatchWarning" not in log
+    assert "serving HTTPS" in log and f"Listening at: https://127.0.0.1:{https_server.port}" in log
 
 
 def test_https_server_is_not_trusted_without_the_ca(https_server: TLSGunicornServer) -> None:
