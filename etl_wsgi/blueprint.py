@@ -125,7 +125,7 @@ def error_response(
 
     The per-ETL secret of ``AIS_TARGET_URL`` is redacted: error bodies end up in AIS job errors.
     """
-    message = redact_secret(exc.message, etl.host_target)
+    message = redact_secret(exc.message, etl.host_target, etl.settings.authn_token)
     level = etl.logger.error if exc.status >= 500 else etl.logger.warning
     cause = exc.__cause__
     level(

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from etl_wsgi.confine import Destinations, FqnRoots
+
 #: Truthy strings, as the SDK's ``parse_bool`` and Go's ``cos.ParseBool`` (PROTOCOL.md §1.2).
 TRUTHY = frozenset({"1", "t", "true", "y", "yes", "on"})
 FALSY = frozenset({"0", "f", "false", "n", "no", "off"})
@@ -114,6 +116,13 @@ def _executor(raw: str) -> str:
 def _existing_file(raw: str) -> str:
     if not os.path.isfile(raw):
         raise ValueError("file does not exist")
+    return raw
+
+
+def _readable_file(raw: str) -> str:
+    _existing_file(raw)
+    if not os.access(raw, os.R_OK):
+        raise ValueError("file is not readable")
     return raw
 
 
@@ -239,6 +248,41 @@ class Settings:
         "",
         "Client certificate key for mTLS (used only together with `AIS_CRT`).",
         group="ais",
+    )
+    # --- confinement (opt-in; etl_wsgi.confine)
+    fqn_roots: FqnRoots = setting(
+        "ETL_FQN_ROOTS",
+        FqnRoots.parse,
+        FqnRoots,
+        "Comma-separated directories an `etl_fqn` may resolve into (symlinks and `..` resolved); "
+        "outside -> `403`. Each must exist. The target's mountpaths are the natural roots.",
+        default_doc="unset (any path)",
+        group="security",
+    )
+    allowed_destinations: Destinations = setting(
+        "ETL_ALLOWED_DESTINATIONS",
+        Destinations.parse,
+        Destinations,
+        "Comma-separated `host`, `host:port` or CIDR (`10.0.0.0/8`) every `Ais-Node-Url` hop "
+        "(HTTP and ws) must match, else `403` before reading or transforming; the host:port of "
+        "`AIS_TARGET_URL` is always allowed.",
+        default_doc="unset (any host)",
+        group="security",
+    )
+    certfile: str = setting(
+        "ETL_CERTFILE",
+        _readable_file,
+        "",
+        "Serve HTTPS/WSS: PEM certificate (chain) of this server (gunicorn `certfile`); needs "
+        "`ETL_KEYFILE`.",
+        group="security",
+    )
+    keyfile: str = setting(
+        "ETL_KEYFILE",
+        _readable_file,
+        "",
+        "PEM private key for `ETL_CERTFILE` (gunicorn `keyfile`).",
+        group="security",
     )
     # --- etl-wsgi's own
     etl_class: str = setting(
@@ -395,6 +439,10 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}. {meta['doc']}") from None
         settings = cls(**values)
+        if bool(settings.certfile) != bool(settings.keyfile):
+            raise ConfigError(
+                "ETL_CERTFILE and ETL_KEYFILE must be set together (or neither) to serve TLS"
+            )
         if bool(settings.client_crt) != bool(settings.client_crt_key):
             logging.getLogger(__name__).warning(
                 "AIS_CRT and AIS_CRT_KEY must both be set for mTLS; client certificate not used"

@@ -9,6 +9,7 @@ loop, and it knows whether the input can be produced again.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from etl_wsgi.errors import (
     DirectPutRefusedError,
     ETLDirectPutTransientError,
     ETLError,
+    OutboundTLSError,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,33 @@ def build_session(settings: Settings) -> requests.Session:
     if settings.authn_token:
         session.headers[HEADER_AUTHORIZATION] = f"Bearer {settings.authn_token}"
     return session
+
+
+def tls_error(exc: BaseException, peer: str) -> OutboundTLSError | None:
+    """An :class:`OutboundTLSError` for a ``requests`` TLS failure, else ``None``.
+
+    Every ``requests.exceptions.SSLError`` counts, not only certificate verification: a server
+    that wants a client certificate we did not present may just drop the connection after the
+    handshake (``SSLEOFError`` with TLS 1.3).  Such failures are configuration, not transient:
+    never retried (PROTOCOL.md §4.4), answered ``502`` at once with the settings to check.
+    The message has the innermost ``ssl`` reason, never a request header (the token).
+    """
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return None
+    reason: BaseException = exc
+    seen: set[int] = set()
+    cursor: BaseException | None = exc
+    while cursor is not None and id(cursor) not in seen:
+        seen.add(id(cursor))
+        if isinstance(cursor, ssl.SSLError):
+            reason = cursor
+        inner = cursor.args[0] if cursor.args else None
+        cursor = cursor.__cause__ or (inner if isinstance(inner, BaseException) else None)
+    return OutboundTLSError(
+        f"TLS with {peer!r} failed: {type(reason).__name__}: {reason}. Check AIS_CLIENT_CA "
+        "(CA of the target's certificate), AIS_CRT/AIS_CRT_KEY (client certificate for mTLS) "
+        "or AIS_SKIP_VERIFY_CRT."
+    )
 
 
 def _is_connection_refused(exc: BaseException) -> bool:
@@ -251,6 +280,9 @@ def _send_once(
     except ETLError:
         raise  # the transform failed while producing the body, or a nested typed error
     except _RETRIED_ERRORS as exc:
+        tls = tls_error(exc, hop)
+        if tls is not None:
+            raise tls from exc
         if isinstance(exc, requests.ConnectionError) and _is_connection_refused(exc):
             raise DirectPutRefusedError(
                 f"direct_put to {hop!r} failed: {type(exc).__name__}: connection refused"

@@ -66,6 +66,28 @@ class FileAccessError(ETLError):
     status = HTTPStatus.FORBIDDEN
 
 
+class FqnNotAllowedError(ETLError):
+    """``etl_fqn`` resolves outside every ``ETL_FQN_ROOTS`` directory -> 403 (PROTOCOL.md §3)."""
+
+    status = HTTPStatus.FORBIDDEN
+
+
+class DestinationNotAllowedError(ETLError):
+    """An ``Ais-Node-Url`` hop names a host outside ``ETL_ALLOWED_DESTINATIONS`` -> 403 (§4.1)."""
+
+    status = HTTPStatus.FORBIDDEN
+
+
+class OutboundTLSError(ETLError):
+    """TLS with the target or next hop failed (certificate not trusted, client certificate
+    refused): a configuration problem, not transient, never retried -> 502 (PROTOCOL.md §4.4).
+
+    Not 500: the failure is the far side's identity, like a refused connection (also 502).
+    """
+
+    status = HTTPStatus.BAD_GATEWAY
+
+
 class UpstreamStatusError(ETLError):
     """The target answered our GET with a non-2xx status: forward that status (PROTOCOL.md §2.6)."""
 

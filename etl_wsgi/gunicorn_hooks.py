@@ -48,6 +48,9 @@ def config_values() -> dict[str, Any]:
         "accesslog": None,
         "errorlog": "-",
     }
+    if s.certfile:  # both or neither: Settings.from_env checked
+        values["certfile"] = s.certfile
+        values["keyfile"] = s.keyfile
     if s.control_socket:
         values["control_socket"] = s.control_socket
     else:
@@ -71,23 +74,25 @@ class RedactingFormatter(logging.Formatter):
     """Formats as usual, then hides the per-ETL secret of ``AIS_TARGET_URL``.
 
     Exception texts from ``requests`` carry full URLs, and every URL towards a target holds the
-    secret; pod logs are read by more people than the ETL's owner.
+    secret; pod logs are read by more people than the ETL's owner.  ``AIS_AUTHN_TOKEN`` is
+    hidden too (etl-wsgi never logs it; a transformer or library might).
     """
 
-    def __init__(self, fmt: str, host_target: str) -> None:
+    def __init__(self, fmt: str, host_target: str, token: str = "") -> None:
         super().__init__(fmt)
         self.host_target = host_target
+        self.token = token
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_secret(super().format(record), self.host_target)
+        return redact_secret(super().format(record), self.host_target, self.token)
 
 
-def configure_logging(level: str, host_target: str = "") -> None:
+def configure_logging(level: str, host_target: str = "", token: str = "") -> None:
     """Plain logs to stderr for the library and the transformer's ``self.logger``."""
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(RedactingFormatter(LOG_FORMAT, host_target))
+        handler.setFormatter(RedactingFormatter(LOG_FORMAT, host_target, token))
         root.addHandler(handler)
     root.setLevel(level)
 
@@ -95,7 +100,7 @@ def configure_logging(level: str, host_target: str = "") -> None:
 def on_starting(server: Any) -> None:
     """Master, once: validate every setting (AIS_TARGET_URL included), logging, rlimit."""
     s = _settings(require_target=True)
-    configure_logging(s.log_level, s.ais_target_url)
+    configure_logging(s.log_level, s.ais_target_url, s.authn_token)
     soft, _ = raise_nofile_limit()
     log.info(
         "etl-wsgi: %d gevent worker(s) x %d connections, timeout %ds, keep-alive %ds, nofile %d",
@@ -104,6 +109,12 @@ def on_starting(server: Any) -> None:
         s.worker_timeout,
         s.keepalive,
         soft,
+    )
+    log.info(
+        "etl-wsgi: ETL_FQN_ROOTS=%s, ETL_ALLOWED_DESTINATIONS=%s, serving %s",
+        s.fqn_roots or "(any path)",
+        s.allowed_destinations or "(any host)",
+        "HTTPS" if s.certfile else "HTTP",
     )
 
 

@@ -50,12 +50,22 @@ def http_source(
         host_target=etl.host_target,
         timeout=etl.settings.timeouts,
         content_length=content_length,
+        fqn_roots=etl.settings.fqn_roots,
     )
+
+
+def checked_pipeline(etl: ETLServer, req: ParsedRequest) -> Pipeline | None:
+    """Parse ``Ais-Node-Url`` (400 if malformed) and check every hop against
+    ``ETL_ALLOWED_DESTINATIONS`` (403): before any input is read (PROTOCOL.md §4.1)."""
+    pipeline = parse_pipeline(req.node_url)
+    if pipeline is not None:
+        etl.settings.allowed_destinations.check(pipeline.hops, etl.host_target)
+    return pipeline
 
 
 def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
     """Transform one object and answer, or deliver it to the next hop (§4)."""
-    pipeline = parse_pipeline(req.node_url)
+    pipeline = checked_pipeline(etl, req)
     if etl.use_streaming:
         if pipeline is None:
             return _stream_reply(etl, req, source)

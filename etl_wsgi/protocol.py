@@ -48,6 +48,12 @@ class Pipeline:
     first: str
     remaining: str = ""
 
+    @property
+    def hops(self) -> list[str]:
+        """Every entry in order: the next hop, then the ones it is asked to forward to."""
+        rest = [entry.strip() for entry in self.remaining.split(",")] if self.remaining else []
+        return [self.first, *rest]
+
 
 def parse_pipeline(header: str | None) -> Pipeline | None:
     """Parse ``Ais-Node-Url`` (PROTOCOL.md §4.1).
@@ -132,9 +138,12 @@ def upstream_object_url(host_target: str, path: str) -> str:
     return f"{host_target.rstrip('/')}/{quote(path, safe='@')}"
 
 
-def redact_secret(text: str, host_target: str) -> str:
-    """Hide the per-ETL secret (last path segment of ``AIS_TARGET_URL``) in messages sent back."""
+def redact_secret(text: str, host_target: str, token: str = "") -> str:
+    """Hide the per-ETL secret (last path segment of ``AIS_TARGET_URL``) and the
+    ``AIS_AUTHN_TOKEN`` in messages sent back and in logs."""
     secret = urlsplit(host_target).path.rstrip("/").rpartition("/")[2]
-    if len(secret) < 4:  # too short to be the AIS secret; replacing it would garble messages
-        return text
-    return text.replace(secret, "***")
+    for hidden in (token, secret):
+        # too short to be a secret: replacing it would garble messages
+        if len(hidden) >= 4:
+            text = text.replace(hidden, "***")
+    return text

@@ -16,13 +16,17 @@ import io
 import logging
 import os
 from typing import IO, TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
 
+from etl_wsgi.confine import FqnRoots
 from etl_wsgi.const import DRAIN_CHUNK_BYTES
+from etl_wsgi.direct_put import tls_error
 from etl_wsgi.errors import (
     BadRequestError,
+    ETLError,
     FileAccessError,
     ObjectNotFoundError,
     UpstreamNetworkError,
@@ -54,31 +58,45 @@ class Source:
 
 
 class FileSource(Source):
-    """The object file named by ``etl_fqn`` (PROTOCOL.md §3). Re-openable, so replayable."""
+    """The object file named by ``etl_fqn`` (PROTOCOL.md §3). Re-openable, so replayable.
 
-    def __init__(self, fqn: str, obj_path: str) -> None:
+    With ``roots`` (``ETL_FQN_ROOTS``) every access first resolves the path and checks it is
+    inside a root (``403`` otherwise), then uses the *resolved* path, so what is opened is what
+    was checked (a symlink swapped in between is a race on the read-only mounts we accept).
+    """
+
+    def __init__(self, fqn: str, obj_path: str, roots: FqnRoots | None = None) -> None:
         self.fs_path = sanitize_fqn(fqn)
         self.obj_path = obj_path
+        self.roots = roots or FqnRoots()
+        self._resolved: str | None = None
+
+    def _allowed_path(self) -> str:
+        """Resolved and checked once per request (size hint, open, re-opens for retries)."""
+        if self._resolved is None:
+            self._resolved = self.roots.resolve(self.fs_path, self.obj_path)
+        return self._resolved
 
     def size_hint(self) -> int | None:
         try:
-            return os.stat(self.fs_path).st_size
-        except (OSError, ValueError):
+            return os.stat(self._allowed_path()).st_size
+        except (OSError, ValueError, ETLError):
             return None  # open() reports the error properly
 
     def check(self) -> str:
         """Stat without reading, for ``ETL_DIRECT_FQN`` (transform opens the file itself)."""
-        self._guard(os.stat)
-        if not os.path.isfile(self.fs_path):
+        path = self._allowed_path()
+        self._guard(os.stat, path)
+        if not os.path.isfile(path):
             raise ObjectNotFoundError(self.obj_path, self.fs_path)
-        return self.fs_path
+        return path
 
     def open(self) -> IO[bytes]:
-        return self._guard(lambda path: open(path, "rb"))
+        return self._guard(lambda path: open(path, "rb"), self._allowed_path())
 
-    def _guard(self, fn: Callable[[str], object]):  # type: ignore[no-untyped-def]
+    def _guard(self, fn: Callable[[str], object], path: str):  # type: ignore[no-untyped-def]
         try:
-            return fn(self.fs_path)
+            return fn(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFoundError(self.obj_path, self.fs_path) from None
         except PermissionError:
@@ -102,6 +120,7 @@ class UpstreamSource(Source):
     ) -> None:
         self.session = session
         self.url = upstream_object_url(host_target, path)
+        self.peer = urlsplit(host_target).netloc  # for messages: the URL holds the secret
         self.timeout = timeout
 
     def _get(self, *, stream: bool) -> requests.Response:
@@ -110,6 +129,9 @@ class UpstreamSource(Source):
                 self.url, stream=stream, timeout=self.timeout, allow_redirects=False
             )
         except requests.RequestException as exc:
+            tls = tls_error(exc, self.peer)
+            if tls is not None:
+                raise tls from exc
             raise UpstreamNetworkError(f"Network error: {type(exc).__name__}: {exc}") from exc
         if not 200 <= resp.status_code < 300:
             resp.close()
@@ -166,10 +188,11 @@ def select_source(
     host_target: str,
     timeout: tuple[float, float],
     content_length: int | None = None,
+    fqn_roots: FqnRoots | None = None,
 ) -> Source:
     """FQN wins over a body (§3); a GET without FQN fetches from the target (§2.6)."""
     if req.fqn:
-        return FileSource(req.fqn, req.path)
+        return FileSource(req.fqn, req.path, fqn_roots)
     if req.is_get:
         return UpstreamSource(session, host_target, req.path, timeout)
     return BodySource(body, content_length)

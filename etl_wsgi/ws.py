@@ -51,8 +51,8 @@ from wsproto.frame_protocol import CloseReason
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
 from etl_wsgi.errors import BadRequestError, ETLError
-from etl_wsgi.handler import Reply, handle
-from etl_wsgi.protocol import ParsedRequest, parse_pipeline, redact_secret
+from etl_wsgi.handler import Reply, checked_pipeline, handle
+from etl_wsgi.protocol import ParsedRequest, redact_secret
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ class WebSocketSession:
                 close()
 
     def _fail(self, task: Task, message: str, exc: BaseException) -> None:
-        message = redact_secret(message, self.etl.host_target)
+        message = redact_secret(message, self.etl.host_target, self.etl.settings.authn_token)
         self.etl.logger.error(
             "ws %r: closing connection with 1011: %s", task.req.path, message, exc_info=exc
         )
@@ -351,9 +351,11 @@ class WebSocketSession:
             while True:
                 self._at_boundary = True
                 req = _parse_control(self._read_message(events, CONTROL_LIMIT))
+                # a bad or disallowed pipeline fails before the data message is read (§4.1)
+                checked_pipeline(self.etl, req)
                 if req.fqn:
-                    parse_pipeline(req.node_url)  # a bad header fails before the next read
-                    self.tasks.put(Task(req, FileSource(req.fqn, req.path)))
+                    source = FileSource(req.fqn, req.path, self.etl.settings.fqn_roots)
+                    self.tasks.put(Task(req, source))
                 elif self.etl.use_streaming:
                     stream = ChunkQueueReader()
                     self.tasks.put(Task(req, StreamSource(stream)))
