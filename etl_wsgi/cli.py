@@ -290,8 +290,10 @@ def run(
 # ---- check --------------------------------------------------------------------------------------
 
 
-def effective_settings(settings: Settings, environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``(variable, value and where it came from)`` for every setting; the secret is hidden."""
+def effective_settings(
+    settings: Settings, environ: Mapping[str, str], options: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """``(variable, value (where from))`` for every setting; secrets are hidden."""
     from etl_wsgi.protocol import redact_secret
 
     rows = []
@@ -299,11 +301,13 @@ def effective_settings(settings: Settings, environ: Mapping[str, str]) -> list[t
         meta = f.metadata
         names = (meta["env"], *meta["aliases"])
         source = next((n for n in names if (environ.get(n) or "").strip()), None)
+        if options.get(f.name) is not None:
+            source = option_name(f.name)
         value = str(getattr(settings, f.name))
         if f.name == "authn_token" and value:
             value = "***"
-        value = redact_secret(value, settings.ais_target_url)
-        rows.append((meta["env"], f"{value}  ({'from ' + source if source else 'default'})"))
+        value = redact_secret(value, settings.ais_target_url) if value else "unset"
+        rows.append((meta["env"], f"{value} ({'from ' + source if source else 'default'})"))
     return rows
 
 
@@ -325,9 +329,11 @@ def check(etl_class: str, **options: Any) -> None:
     gunicorn = config_values(environ)
     lines = [
         ("class", f"{cls.__module__}.{cls.__qualname__}: {mode}"),
+        ("transports", "hpush PUT /<path>, hpull GET /<path>, ws /ws: all served"),
         ("buffered transforms", f"{settings.transform_executor} executor"),
         ("etl_fqn input", "path (str)" if settings.direct_fqn else "bytes"),
         ("direct put retries", str(settings.direct_put_retries)),
+        ("ws", f"max message {settings.ws_max_message} B, prefetch {settings.ws_prefetch}"),
         ("gunicorn bind", ", ".join(gunicorn["bind"])),
         ("gunicorn workers", f"{gunicorn['workers']} x {gunicorn['worker_class']}"),
         ("worker connections", str(gunicorn["worker_connections"])),
@@ -341,7 +347,7 @@ def check(etl_class: str, **options: Any) -> None:
     for key, value in lines:
         click.echo(f"  {key:<20} {value}")
     click.echo("settings:")
-    for env, value in effective_settings(settings, environ):
+    for env, value in effective_settings(settings, environ, options):
         click.echo(f"  {env:<24} {value}")
 
 
