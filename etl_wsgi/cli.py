@@ -22,7 +22,8 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -77,7 +78,7 @@ def setting_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Ca
                 option_name(name),
                 name,
                 default=None,
-                metavar=meta["env"],
+                metavar="VALUE",
                 callback=_validate_setting,
                 help=f"{meta['doc']} [sets {meta['env']}]",
             )(func)
@@ -179,7 +180,8 @@ def print_summary(summary: Summary) -> None:
             click.echo(f"  {outcome.obj.name}: {outcome.error}", err=True)
 
 
-def progress(label: str, objects: list[Obj]) -> Callable[[Outcome], None]:
+@contextmanager
+def progress(label: str, objects: list[Obj]) -> Iterator[Callable[[Outcome], None]]:
     """A progress bar on stderr when it is a terminal (objects, %, ETA, rate); else silent."""
     total = sum(o.size for o in objects)
     bar = click.progressbar(
@@ -198,10 +200,9 @@ def progress(label: str, objects: list[Obj]) -> Callable[[Outcome], None]:
         done[1] += outcome.obj.size
         rate = done[1] / max(time.monotonic() - start, 1e-6)
         bar.update(outcome.obj.size, f"{done[0]}/{len(objects)} objects, {_human(rate)}/s")
-        if done[0] == len(objects):
-            bar.render_finish()
 
-    return on_done
+    with bar:  # restores the terminal's cursor on every path
+        yield on_done
 
 
 @main.command()
@@ -276,8 +277,11 @@ def run(
     job = localrun.Job(src_dir, dst_dir, comm, fqn, direct_put, etl_args.strip(), jobs)
     objects = localrun.list_objects(src_dir)
     try:
-        with localrun.running(job, etl_class, workers, environ) as server:
-            summary = server.transform(objects, progress(f"{comm} {etl_class}", objects))
+        with (
+            localrun.running(job, etl_class, workers, environ) as server,
+            progress(f"{comm} {etl_class}", objects) as on_done,
+        ):
+            summary = server.transform(objects, on_done)
     except localrun.ServerStartError as exc:
         raise click.ClickException(
             f"the server did not start: {exc} (see `etl-wsgi check {etl_class}`)"

@@ -26,7 +26,7 @@ class ETLApplication(BaseApplication):
         # Imported here, once: its settings come from the environment at this point.
         conf = importlib.import_module("etl_wsgi.gunicorn_conf")
         for key, value in vars(conf).items():
-            if key in self.cfg.settings and value is not None:
+            if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
     def load(self) -> Any:

@@ -623,14 +623,16 @@ def transform_all(
 
     summary = Summary(objects=len(objects), bytes_in=sum(o.size for o in objects))
     start = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=job.jobs, thread_name_prefix="etl-run")
     try:
-        with ThreadPoolExecutor(max_workers=job.jobs, thread_name_prefix="etl-run") as pool:
-            for outcome in pool.map(one, objects):
-                summary.bytes_out += outcome.written
-                if outcome.error:
-                    summary.failures.append(outcome)
-                on_done(outcome)
+        for outcome in pool.map(one, objects):
+            summary.bytes_out += outcome.written
+            if outcome.error:
+                summary.failures.append(outcome)
+            on_done(outcome)
     finally:
+        # Interrupted (Ctrl-C): objects not started yet are dropped, in-flight ones finish.
+        pool.shutdown(wait=True, cancel_futures=True)
         for client in clients:
             client.close()
     summary.seconds = time.monotonic() - start

@@ -333,3 +333,11 @@ def test_serve_bad_setting_is_a_usage_error(clean_env: pytest.MonkeyPatch) -> No
     code, output = invoke("serve", "transformers:Upper", "--bind", "nowhere")
     assert code == 2
     assert "expected HOST:PORT, unix:PATH or fd://N" in output
+
+
+def test_console_script_is_the_click_group() -> None:
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="etl-wsgi")
+    assert script.value == "etl_wsgi.cli:main"
+    assert script.load() is main
