@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -166,6 +167,10 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def print_summary(summary: Summary) -> None:
     ok = summary.objects - len(summary.failures)
     seconds = max(summary.seconds, 1e-6)
@@ -276,6 +281,8 @@ def run(
     workers = settings_from(environ, require_target=False).workers
     job = localrun.Job(src_dir, dst_dir, comm, fqn, direct_put, etl_args.strip(), jobs)
     objects = localrun.list_objects(src_dir)
+    # SIGTERM (``timeout``, a CI runner) unwinds like Ctrl-C, so the server is stopped too.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with (
             localrun.running(job, etl_class, workers, environ) as server,
@@ -286,6 +293,8 @@ def run(
         raise click.ClickException(
             f"the server did not start: {exc} (see `etl-wsgi check {etl_class}`)"
         ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
     if summary.failures:
         sys.exit(1)

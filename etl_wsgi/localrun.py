@@ -624,17 +624,21 @@ def transform_all(
     summary = Summary(objects=len(objects), bytes_in=sum(o.size for o in objects))
     start = time.monotonic()
     pool = ThreadPoolExecutor(max_workers=job.jobs, thread_name_prefix="etl-run")
+    completed = False
     try:
         for outcome in pool.map(one, objects):
             summary.bytes_out += outcome.written
             if outcome.error:
                 summary.failures.append(outcome)
             on_done(outcome)
+        completed = True
     finally:
-        # Interrupted (Ctrl-C): objects not started yet are dropped, in-flight ones finish.
-        pool.shutdown(wait=True, cancel_futures=True)
-        for client in clients:
-            client.close()
+        # Interrupted (Ctrl-C, SIGTERM): objects not started are dropped and nobody waits for
+        # the in-flight ones; stopping the server next ends them.
+        pool.shutdown(wait=completed, cancel_futures=True)
+        if completed:
+            for client in clients:
+                client.close()
     summary.seconds = time.monotonic() - start
     return summary
 

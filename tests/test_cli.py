@@ -25,9 +25,11 @@ from click.testing import CliRunner
 from etl_wsgi import localrun
 from etl_wsgi.cli import main
 from tests.conftest import ROOT, TESTS
+from tests.e2e_support import wait_for_file
 from tests.unit_support import TARGET_URL, clear_settings_env
 
 TIMEOUT = 120.0
+MIB = 1 << 20
 
 #: Object name -> content; names with characters the wire escapes, a nested one, binary, empty.
 OBJECTS = {
@@ -341,3 +343,63 @@ def test_console_script_is_the_click_group() -> None:
     (script,) = entry_points(group="console_scripts", name="etl-wsgi")
     assert script.value == "etl_wsgi.cli:main"
     assert script.load() is main
+
+
+@pytest.mark.parametrize("comm", ["hpush", "ws"])
+def test_run_streams_a_large_object_both_ways_at_once(tmp_path: Path, comm: str) -> None:
+    """A streaming transform answers while its input still arrives (PROTOCOL.md §5): the runner
+    reads the reply while it sends, or both sides would block on full socket buffers."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytes(range(97, 123)) * (24 * MIB // 26)
+    (src / "large.txt").write_bytes(data)
+    dst = tmp_path / "dst"
+    proc = etl_wsgi("run", "transformers:UpperStream", "--src", str(src), "--dst", str(dst),
+                    "--comm", comm, "--no-fqn")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (dst / "large.txt").read_bytes() == data.upper()
+
+
+def test_run_stops_its_server_on_sigterm(src: Path, tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout) unwinds: the in-flight object is abandoned, gunicorn is stopped."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl_wsgi", "run", "transformers:MarkedSleep", "--src", str(src),
+         "--dst", str(tmp_path / "dst"), "--jobs", "1", "--etl-args", f"{marks},{TIMEOUT * 2}"],
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        wait_for_file(marks / "started", TIMEOUT)  # a transform is in flight
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:  # the test failed: leave no server behind
+            for pid in children:
+                os.kill(pid, signal.SIGQUIT)
+            proc.kill()
+            proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert children != []
+    for pid in children:
+        assert gone_within(pid, TIMEOUT), f"gunicorn master {pid} still runs"
+
+
+def gone_within(pid: int, timeout: float) -> bool:
+    """Bounded wait until ``pid`` no longer exists (or is a zombie awaiting its reaper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
