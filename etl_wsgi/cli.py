@@ -370,8 +370,8 @@ def _instantiate(cls: type[ETLServer], environ: Mapping[str, str]) -> ETLServer:
     os.environ.update(environ)
     try:
         return cls()
-    except (TypeError, ConfigError) as exc:
-        raise click.ClickException(f"{cls.__qualname__}(): {exc}") from None
+    except Exception as exc:  # the user's __init__ may raise anything: one line, no traceback
+        raise click.ClickException(f"{cls.__qualname__}(): {type(exc).__name__}: {exc}") from None
     finally:
         os.environ.clear()
         os.environ.update(saved)
