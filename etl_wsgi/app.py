@@ -22,15 +22,11 @@ from etl_wsgi.fastpath import ObjectRoutes
 def resolve_etl(etl: Any = None) -> ETLServer:
     """An ``ETLServer`` instance from a subclass, an instance, or ``"pkg.mod:Class"``.
 
-    ``None`` reads the ``ETL_CLASS`` setting.  A string may also name a module-level instance.
+    ``None`` reads the ``ETL_CLASS`` or ``ETL_CLASS_PAYLOAD`` setting.  A string may also name a
+    module-level instance.
     """
     if etl is None:
-        etl = Settings.from_env(require_target=False).etl_class
-        if not etl:
-            raise ConfigError(
-                "No ETL class given: call create_app(MyETL) / create_app('pkg.mod:MyETL') "
-                "or set ETL_CLASS=pkg.mod:MyETL"
-            )
+        etl = _etl_from_settings(Settings.from_env(require_target=False))
     if isinstance(etl, str):
         try:
             etl = import_string(etl.strip())
@@ -41,6 +37,22 @@ def resolve_etl(etl: Any = None) -> ETLServer:
     if isinstance(etl, ETLServer):
         return etl
     raise TypeError(f"{etl!r} is not an ETLServer subclass or instance")
+
+
+def _etl_from_settings(settings: Settings) -> str | type[ETLServer]:
+    """``ETL_CLASS`` (an import string) or the class in ``ETL_CLASS_PAYLOAD`` (§8.3)."""
+    if settings.etl_class and settings.etl_class_payload:
+        raise ConfigError("Set only one of ETL_CLASS and ETL_CLASS_PAYLOAD, not both")
+    if settings.etl_class_payload:
+        from etl_wsgi.payload import load_class
+
+        return load_class(settings.etl_class_payload)
+    if not settings.etl_class:
+        raise ConfigError(
+            "No ETL class given: call create_app(MyETL) / create_app('pkg.mod:MyETL') "
+            "or set ETL_CLASS=pkg.mod:MyETL (or ETL_CLASS_PAYLOAD, see README)"
+        )
+    return settings.etl_class
 
 
 def create_app(etl: Any = None) -> Flask:

@@ -11,6 +11,7 @@ import logging
 import resource
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from etl_wsgi.config import ConfigError, Settings
@@ -21,18 +22,21 @@ log = logging.getLogger("etl_wsgi")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
 
-def _settings(require_target: bool) -> Settings:
+def _settings(require_target: bool, environ: Mapping[str, str] | None = None) -> Settings:
     try:
-        return Settings.from_env(require_target=require_target)
+        return Settings.from_env(environ, require_target=require_target)
     except ConfigError as exc:
         # SystemExit passes through gunicorn's config loader and hook runner: one clear line.
         print(f"etl-wsgi: invalid configuration: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
-def config_values() -> dict[str, Any]:
-    """gunicorn settings from the environment, for ``globals().update(...)`` in gunicorn.conf.py."""
-    s = _settings(require_target=False)
+def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """gunicorn settings from the environment, for ``globals().update(...)`` in gunicorn.conf.py.
+
+    ``environ`` (default ``os.environ``) lets ``etl-wsgi check`` show them for other values.
+    """
+    s = _settings(require_target=False, environ=environ)
     values: dict[str, Any] = {
         "bind": [s.bind],
         "workers": s.workers,
