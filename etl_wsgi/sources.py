@@ -23,6 +23,7 @@ from etl_wsgi.const import DRAIN_CHUNK_BYTES
 from etl_wsgi.errors import (
     BadRequestError,
     FileAccessError,
+    IncompleteBodyError,
     ObjectNotFoundError,
     UpstreamNetworkError,
     UpstreamStatusError,
@@ -124,7 +125,12 @@ class UpstreamSource(Source):
 
 
 class BodySource(Source):
-    """The request body. One-shot: it comes off the socket once, so not replayable (§4.4)."""
+    """The request body. One-shot: it comes off the socket once, so not replayable (§4.4).
+
+    A body shorter than its ``Content-Length`` (the client went away mid-upload) raises
+    :class:`IncompleteBodyError`: gunicorn reports that as a plain EOF, and a truncated object
+    must never be transformed and acknowledged as whole.
+    """
 
     replayable = False
 
@@ -137,14 +143,17 @@ class BodySource(Source):
 
     def read_all(self) -> bytes:
         try:
-            return self.stream.read()
+            data = self.stream.read()
         except (OSError, ValueError) as exc:  # client gone mid-body, bad chunk framing
             raise BadRequestError(
                 f"Request body could not be read: {type(exc).__name__}: {exc}"
             ) from exc
+        if self.content_length is not None and len(data) < self.content_length:
+            raise IncompleteBodyError(len(data), self.content_length)
+        return data
 
     def open(self) -> IO[bytes]:
-        return DrainingReader(self.stream)  # type: ignore[return-value]
+        return DrainingReader(self.stream, self.content_length)  # type: ignore[return-value]
 
 
 def select_source(
@@ -194,8 +203,27 @@ class DrainingReader(_DelegatingReader):
     """Request-body reader that drains what the transform left unread when closed (§5, §9.2 #3).
 
     A streaming transform may stop reading early; the unread rest of the body would otherwise sit
-    on the keep-alive connection in front of the next request.
+    on the keep-alive connection in front of the next request.  With ``expected`` (the
+    ``Content-Length``), an end of input before that many bytes raises
+    :class:`IncompleteBodyError` instead of looking like the end of the object.
     """
+
+    def __init__(self, inner: IO[bytes], expected: int | None = None) -> None:
+        super().__init__(inner)
+        self._expected = expected
+        self._received = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._received += len(data)
+        whole = size is None or size < 0
+        if (
+            self._expected is not None
+            and self._received < self._expected
+            and (whole or (size and not data))
+        ):
+            raise IncompleteBodyError(self._received, self._expected)
+        return data
 
     def close(self) -> None:
         if self.closed:

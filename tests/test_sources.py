@@ -16,6 +16,7 @@ from etl_wsgi.direct_put import build_session
 from etl_wsgi.errors import (
     BadRequestError,
     FileAccessError,
+    IncompleteBodyError,
     ObjectNotFoundError,
     UpstreamNetworkError,
     UpstreamStatusError,
@@ -231,6 +232,36 @@ def test_body_source_is_one_shot() -> None:
     src = BodySource(io.BytesIO(b"hello"))
     assert not src.replayable
     assert src.read_all() == b"hello"
+
+
+def test_body_shorter_than_content_length_is_400() -> None:
+    """gunicorn ends a short body with a plain EOF: it must not pass for the whole object."""
+    assert BodySource(io.BytesIO(b"hello"), 5).read_all() == b"hello"
+    with pytest.raises(IncompleteBodyError) as info:
+        BodySource(io.BytesIO(b"hel"), 5).read_all()
+    assert info.value.status == 400
+    assert info.value.message == "Request body ended after 3 of 5 bytes (Content-Length)"
+
+
+@pytest.mark.parametrize("sizes", [[-1], [2, 2, 2], [None], [1, 1, 1, 1]])
+def test_draining_reader_raises_when_the_body_ends_early(sizes: list[int | None]) -> None:
+    reader = BodySource(io.BytesIO(b"hel"), 5).open()
+    with pytest.raises(IncompleteBodyError, match="ended after 3 of 5 bytes"):
+        for size in sizes:
+            reader.read(size)
+    reader.close()
+
+
+def test_draining_reader_with_a_complete_body_reads_to_eof() -> None:
+    reader = BodySource(io.BytesIO(b"hello"), 5).open()
+    assert [reader.read(2), reader.read(2), reader.read(2), reader.read(2)] == [
+        b"he",
+        b"ll",
+        b"o",
+        b"",
+    ]
+    assert reader.read(0) == b""
+    reader.close()
 
 
 class RecordingStream(io.BytesIO):
