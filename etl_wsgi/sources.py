@@ -18,6 +18,7 @@ import os
 from typing import IO, TYPE_CHECKING
 
 import requests
+import urllib3
 
 from etl_wsgi.const import DRAIN_CHUNK_BYTES
 from etl_wsgi.errors import (
@@ -244,11 +245,22 @@ class ResponseReader(_DelegatingReader):
     """Reader over a streamed upstream response whose ``close()`` closes the *response*.
 
     Closing only ``resp.raw`` does not return the connection to the pool (PROTOCOL.md §9.2 #2).
+    A failure while reading (reset, read timeout, a body shorter than its ``Content-Length``)
+    is an :class:`UpstreamNetworkError` (502, §2.6), whoever reads: the transform's reader must
+    not turn the target's failure into a transform error.
     """
 
     def __init__(self, response: requests.Response) -> None:
         super().__init__(response.raw)  # type: ignore[arg-type]
         self._response = response
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UpstreamNetworkError(
+                f"Network error: reading the target's reply: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def close(self) -> None:
         if not self.closed:

@@ -30,7 +30,7 @@ from etl_wsgi.sources import (
     UpstreamSource,
     select_source,
 )
-from tests.fake_target import SECRET_PATH, FakeTarget
+from tests.fake_target import SECRET_PATH, FakeTarget, Truncated
 from tests.unit_support import closed_port, path_escape, write_object
 
 TIMEOUT = (5.0, 5.0)
@@ -216,6 +216,17 @@ def test_response_reader_close_after_partial_read(session, target: FakeTarget) -
     assert conn.sock is None
     target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"small"
     assert src.read_all() == b"small"
+
+
+def test_response_reader_failure_is_a_network_error(session, target: FakeTarget) -> None:
+    """A reply cut short while the transform reads it is a 502, not the transform's 500."""
+    target.scripts[f"{SECRET_PATH}/{ESCAPED}"] = [Truncated(200, b"partial", declared=1000)]
+    with upstream(session, target).open() as reader:
+        assert reader.read(7) == b"partial"
+        with pytest.raises(UpstreamNetworkError) as info:
+            reader.read(100)
+    assert info.value.status == 502
+    assert info.value.message.startswith("Network error: reading the target's reply: ")
 
 
 def test_response_reader_works_with_buffered_io(session, target: FakeTarget) -> None:
