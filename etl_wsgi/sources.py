@@ -146,15 +146,18 @@ class BodySource(Source):
         try:
             data = self.stream.read()
         except (OSError, ValueError) as exc:  # client gone mid-body, bad chunk framing
-            raise BadRequestError(
-                f"Request body could not be read: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise unreadable_body(exc) from exc
         if self.content_length is not None and len(data) < self.content_length:
             raise IncompleteBodyError(len(data), self.content_length)
         return data
 
     def open(self) -> IO[bytes]:
         return DrainingReader(self.stream, self.content_length)  # type: ignore[return-value]
+
+
+def unreadable_body(exc: BaseException) -> BadRequestError:
+    """The client's body could not be read (gone mid-chunk, bad chunk framing) -> 400."""
+    return BadRequestError(f"Request body could not be read: {type(exc).__name__}: {exc}")
 
 
 def select_source(
@@ -215,7 +218,12 @@ class DrainingReader(_DelegatingReader):
         self._received = 0
 
     def read(self, size: int | None = -1) -> bytes:
-        data = super().read(size)
+        if self.closed:
+            raise ValueError("read from closed reader")
+        try:
+            data = super().read(size)
+        except OSError as exc:  # gunicorn's NoMoreData: the client left mid-chunk
+            raise unreadable_body(exc) from exc
         self._received += len(data)
         whole = size is None or size < 0
         if (

@@ -263,6 +263,16 @@ def test_draining_reader_raises_when_the_body_ends_early(sizes: list[int | None]
     reader.close()
 
 
+def test_draining_reader_read_error_is_400() -> None:
+    """gunicorn raises ``NoMoreData`` (an ``OSError``) when a chunked body is cut mid-chunk."""
+    reader = DrainingReader(BrokenStream(OSError("No more data")))  # type: ignore[arg-type]
+    with pytest.raises(BadRequestError) as info:
+        reader.read(10)
+    assert info.value.status == 400
+    assert info.value.message == "Request body could not be read: OSError: No more data"
+    reader.close()
+
+
 def test_draining_reader_with_a_complete_body_reads_to_eof() -> None:
     reader = BodySource(io.BytesIO(b"hello"), 5).open()
     assert [reader.read(2), reader.read(2), reader.read(2), reader.read(2)] == [
