@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import http.client
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from tests.conftest import GunicornServer
 from tests.fake_target import SECRET_PATH, FakeTarget
 
 TIMEOUT = 30.0
 MIB = 1 << 20
+K = TypeVar("K")
 
 
 @contextmanager
@@ -30,6 +33,24 @@ def booted(app: str, target: FakeTarget, workers: int = 1, **env: str) -> Iterat
         yield server.start()
     finally:
         server.stop()
+
+
+@contextmanager
+def booted_many(
+    apps: Mapping[K, str], target: FakeTarget, **env: str
+) -> Iterator[dict[K, GunicornServer]]:
+    """Several servers (``key -> "mod:Class"``, same ``env``), booted in parallel."""
+    full_env = {"AIS_TARGET_URL": target.url + SECRET_PATH, **env}
+    servers = {
+        key: GunicornServer(f'etl_wsgi.app:create_app("{app}")', full_env)
+        for key, app in apps.items()
+    }
+    with ExitStack() as stack:
+        for server in servers.values():
+            stack.callback(server.stop)
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(GunicornServer.start, servers.values()))
+        yield servers
 
 
 def connect(server: GunicornServer, timeout: float = TIMEOUT) -> http.client.HTTPConnection:

@@ -36,7 +36,8 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -44,7 +45,7 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import GunicornServer
-from tests.e2e_support import MIB, TIMEOUT, connect, request
+from tests.e2e_support import MIB, TIMEOUT, booted_many, connect, request
 from tests.fake_target import (
     SECRET_PATH,
     CloseAfterBody,
@@ -82,22 +83,10 @@ def digest(data: bytes) -> str:
 # ---- servers -----------------------------------------------------------------------------------
 
 
-@contextmanager
-def booted_all(target: FakeTarget, **env: str) -> Iterator[dict[bool, GunicornServer]]:
-    """``Upper`` and ``UpperStream``, keyed by "streaming", booted in parallel."""
-    full_env = {"AIS_TARGET_URL": target.url + SECRET_PATH, **TIMEOUTS, **env}
+def booted_all(target: FakeTarget, **env: str) -> ContextManager[dict[bool, GunicornServer]]:
+    """``Upper`` and ``UpperStream`` keyed by "streaming", with the small timeouts."""
     apps = {False: "transformers:Upper", True: "transformers:UpperStream"}
-    servers = {
-        stream: GunicornServer(f'etl_wsgi.app:create_app("{app}")', full_env)
-        for stream, app in apps.items()
-    }
-    with ExitStack() as stack:
-        for server in servers.values():
-            stack.callback(server.stop)
-        with ThreadPoolExecutor(len(servers)) as pool:
-            for started in pool.map(lambda s: s.start(), servers.values()):
-                assert started.proc is not None
-        yield servers
+    return booted_many(apps, target, **{**TIMEOUTS, **env})
 
 
 @pytest.fixture(scope="module")
