@@ -116,6 +116,29 @@ def test_bad_port_or_host_is_invalid(entry: str) -> None:
         parse_pipeline(entry)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "http://a..b/x",
+        f"http://{'a' * 64}:1",
+        "http://%41:1/x",
+        "http://h\u00e9.com/x",
+    ],
+)
+def test_host_names_the_http_client_would_mangle_or_refuse_are_invalid(entry: str) -> None:
+    """Empty or 64+ character labels make urllib3 raise (was a 500); ``%41`` is looked up as
+    ``a``; non-ASCII names are never AIS node addresses."""
+    with pytest.raises(InvalidPipelineError, match="has an invalid host name"):
+        parse_pipeline(entry)
+
+
+@pytest.mark.parametrize(
+    "entry", ["http://127.0.0.1:1", "http://a-b.c_d.example.:80/x", "http://[::1]:8080", "http://H"]
+)
+def test_ordinary_hosts_are_valid(entry: str) -> None:
+    assert parse_pipeline(entry) == Pipeline(entry)
+
+
 def test_overly_long_entry_is_invalid() -> None:
     entry = "http://a:1/" + "x" * MAX_PIPELINE_ENTRY
     with pytest.raises(InvalidPipelineError, match=f"longer than {MAX_PIPELINE_ENTRY}"):
