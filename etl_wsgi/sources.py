@@ -145,7 +145,7 @@ class BodySource(Source):
     def read_all(self) -> bytes:
         try:
             data = self.stream.read()
-        except (OSError, ValueError) as exc:  # client gone mid-body, bad chunk framing
+        except Exception as exc:  # whatever the server's body reader raises (unreadable_body)
             raise unreadable_body(exc) from exc
         if self.content_length is not None and len(data) < self.content_length:
             raise IncompleteBodyError(len(data), self.content_length)
@@ -156,7 +156,12 @@ class BodySource(Source):
 
 
 def unreadable_body(exc: BaseException) -> BadRequestError:
-    """The client's body could not be read (gone mid-chunk, bad chunk framing) -> 400."""
+    """The client's body could not be read -> 400.
+
+    The client left mid-chunk (gunicorn ``NoMoreData``, an ``OSError``) or sent broken chunked
+    framing (gunicorn ``InvalidChunkSize``, ``ChunkMissingTerminator``: plain ``Exception``
+    subclasses, hence the broad catch at both call sites; Werkzeug's server raises others).
+    """
     return BadRequestError(f"Request body could not be read: {type(exc).__name__}: {exc}")
 
 
@@ -222,7 +227,7 @@ class DrainingReader(_DelegatingReader):
             raise ValueError("read from closed reader")
         try:
             data = super().read(size)
-        except OSError as exc:  # gunicorn's NoMoreData: the client left mid-chunk
+        except Exception as exc:  # see unreadable_body
             raise unreadable_body(exc) from exc
         self._received += len(data)
         whole = size is None or size < 0

@@ -273,6 +273,21 @@ def test_draining_reader_read_error_is_400() -> None:
     reader.close()
 
 
+class BadFraming(Exception):
+    """Like gunicorn's ``InvalidChunkSize``: a plain ``Exception``, not an ``OSError``."""
+
+
+@pytest.mark.parametrize("action", ["read_all", "open"])
+def test_broken_chunked_framing_is_400(action: str) -> None:
+    src = BodySource(BrokenStream(BadFraming("Invalid chunk size: b'zz'")))  # type: ignore[arg-type]
+    with pytest.raises(BadRequestError) as info:
+        src.read_all() if action == "read_all" else src.open().read(10)
+    assert info.value.status == 400
+    assert info.value.message == (
+        "Request body could not be read: BadFraming: Invalid chunk size: b'zz'"
+    )
+
+
 def test_draining_reader_with_a_complete_body_reads_to_eof() -> None:
     reader = BodySource(io.BytesIO(b"hello"), 5).open()
     assert [reader.read(2), reader.read(2), reader.read(2), reader.read(2)] == [
