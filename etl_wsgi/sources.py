@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from typing import IO, TYPE_CHECKING
 
 import requests
@@ -75,7 +76,27 @@ class FileSource(Source):
         return self.fs_path
 
     def open(self) -> IO[bytes]:
-        return self._guard(lambda path: open(path, "rb"))
+        return self._guard(self._open_regular)
+
+    def read_all(self) -> bytes:
+        with self.open() as reader:
+            return self._guard(lambda _: reader.read())  # EIO, or /proc files that refuse
+
+    def _open_regular(self, path: str) -> IO[bytes]:
+        """Open only a regular file, without blocking on the way.
+
+        ``O_NONBLOCK``: opening a FIFO for reading would otherwise wait for a writer forever;
+        a device (``/dev/zero``) would stream without end. Neither is an object (§3).
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileNotFoundError(path)
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _guard(self, fn: Callable[[str], object]):  # type: ignore[no-untyped-def]
         try:

@@ -88,6 +88,26 @@ def test_directory_is_404(tmp_path, action: str) -> None:
         getattr(FileSource(path_escape(tmp_path), "src/dir"), action)()
 
 
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_fifo_is_404_without_blocking(tmp_path, action: str) -> None:
+    """Opening a FIFO for reading waits for a writer: the source must not (a hung request)."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ObjectNotFoundError):
+        getattr(FileSource(path_escape(tmp_path / "fifo"), "src/f"), action)()
+
+
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_device_is_404_not_an_endless_read(action: str) -> None:
+    with pytest.raises(ObjectNotFoundError, match="/dev/zero"):
+        getattr(FileSource(path_escape("/dev/zero"), "src/z"), action)()
+
+
+def test_read_error_is_400() -> None:
+    """``/proc/self/mem`` is a regular file whose read fails (EIO): a clear 400, not a 500."""
+    with pytest.raises(BadRequestError, match="Input/output error"):
+        FileSource(path_escape("/proc/self/mem"), "src/m").read_all()
+
+
 @pytest.mark.parametrize("action", ["open", "check"])
 def test_path_through_a_file_is_404(obj, action: str) -> None:
     with pytest.raises(ObjectNotFoundError):
