@@ -45,7 +45,15 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import GunicornServer
-from tests.e2e_support import MIB, TIMEOUT, booted_many, connect, request
+from tests.e2e_support import (
+    MIB,
+    TIMEOUT,
+    booted_many,
+    connect,
+    request,
+    send_raw,
+    split_reply,
+)
 from tests.fake_target import (
     SECRET_PATH,
     CloseAfterBody,
@@ -373,30 +381,6 @@ def test_upstream_get_fault_is_an_error(
 # ---- faults of the client ----------------------------------------------------------------------
 
 
-def raw_exchange(server: GunicornServer, head: str, body: bytes) -> bytes:
-    """Send ``head`` + ``body``, half-close (the client stops sending), read until EOF."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
-        sock.sendall(head.encode() + body)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        for _ in range(10_000):  # bounded; ends at EOF
-            try:
-                data = sock.recv(1 << 16)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            reply += data
-    return reply
-
-
-def parse_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
 @pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "direct-put"])
 @pytest.mark.parametrize("stream", [False, True], ids=["buffered", "stream"])
 def test_body_shorter_than_content_length_is_never_delivered(
@@ -410,9 +394,10 @@ def test_body_shorter_than_content_length_is_never_delivered(
     mode = Mode("short-body", stream, "body")
     node_url = f"Ais-Node-Url: {mode.hop(target.url)}\r\n" if pipeline else ""
     head = f"PUT /src/a.bin HTTP/1.1\r\nHost: x\r\n{node_url}Content-Length: {SIZE}\r\n\r\n"
-    status, headers, body = parse_reply(raw_exchange(no_retry[stream], head, mode.data[:1000]))
+    raw = head.encode() + mode.data[:1000]
+    status, headers, body = split_reply(send_raw(no_retry[stream], raw))
     if stream and not pipeline and status == 200:  # the first chunk went out: cut, unterminated
-        assert headers.get("Transfer-Encoding") == "chunked"
+        assert headers.get("transfer-encoding") == "chunked"
         assert not body.endswith(b"0\r\n\r\n"), body[-20:]
     else:
         assert status == 400, (status, body)
@@ -432,7 +417,7 @@ def test_chunked_body_cut_mid_chunk_is_never_delivered(
         "Transfer-Encoding: chunked\r\n\r\n"
     )
     body = b"%x\r\n" % SIZE + mode.data[:1000]
-    status, _, reply = parse_reply(raw_exchange(no_retry[stream], head, body))
+    status, _, reply = split_reply(send_raw(no_retry[stream], head.encode() + body))
     assert status == 400, reply
     assert json.loads(reply)["error"].startswith("Request body could not be read: NoMoreData")
     assert [p for p in puts_to(target, mode) if p.complete] == []
