@@ -114,7 +114,7 @@ class FakeTarget:
         class Handler(_Handler):
             fake = target
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -172,6 +172,14 @@ class FakeTarget:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Server(ThreadingHTTPServer):
+    """A listen backlog of 5 (socketserver's default) overflows when a test opens a dozen
+    connections at once on a loaded machine: the kernel then drops handshakes, and a client
+    that already sent its request can get a reset that no script asked for."""
+
+    request_queue_size = 256
 
 
 class _Handler(BaseHTTPRequestHandler):
