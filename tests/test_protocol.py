@@ -6,6 +6,7 @@ import dataclasses
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit
 
 import pytest
+import urllib3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -203,6 +204,48 @@ def test_property_any_empty_entry_is_invalid(entries: list[str], at: int) -> Non
     entries.insert(at % (len(entries) + 1), " ")
     with pytest.raises(InvalidPipelineError, match=r"^Pipeline header contains empty entry$"):
         parse_pipeline(",".join(entries))
+
+
+_urlish = st.lists(
+    st.one_of(
+        st.sampled_from(
+            ["http://", "https://", "ftp://", "[", "]", "::1", "..", "%41", "%zz", "@"]
+        ),
+        st.text(st.characters(max_codepoint=0x17F), max_size=6),
+    ),
+    max_size=8,
+).map("".join)
+
+
+@given(st.one_of(st.text(max_size=60), _urlish, st.lists(_urlish, max_size=4).map(",".join)))
+def test_property_any_header_parses_or_is_invalid_pipeline(header: str) -> None:
+    """Arbitrary text never escapes as another exception (that would be a 500)."""
+    try:
+        parse_pipeline(header)
+    except InvalidPipelineError:
+        pass
+
+
+@given(
+    st.one_of(_urlish, http_urls()).map(lambda u: u if "://" in u else "http://127.0.0.1" + u),
+    target_urls(),
+    _text,
+    _text,
+)
+def test_property_accepted_hops_compose_urls_the_http_client_can_use(
+    hop: str, host_target: str, obj_path: str, etl_args: str
+) -> None:
+    """Whatever ``parse_pipeline`` accepts, urllib3 parses the composed URL with the same host
+    (else the put would fail with a 500, or go to another host)."""
+    try:
+        pipeline = parse_pipeline(hop)
+    except InvalidPipelineError:
+        return
+    assert pipeline is not None
+    url = compose_direct_put_url(pipeline.first, host_target, obj_path, etl_args)
+    parsed = urllib3.util.parse_url(url)
+    assert parsed.host is not None
+    assert parsed.host.strip("[]").lower() == urlsplit(pipeline.first).hostname
 
 
 # --- compose_direct_put_url (§4.2) -----------------------------------------------------------
