@@ -37,6 +37,7 @@ from etl_wsgi.protocol import parse_pipeline
 from tests.conftest import GunicornServer
 from tests.e2e_support import booted_many, send_raw, split_reply
 from tests.fake_target import FakeTarget
+from tests.test_e2e_ws import expect_close, ws_connect
 from tests.unit_support import DST_PATH, fqn_query
 
 
@@ -273,6 +274,33 @@ def test_hostile_etl_fqn_is_a_clear_4xx(servers: dict[bool, GunicornServer], mou
     assert (good.status, good.body) == (200, b"HELLO")
     # each failure is one log line; none prints a traceback (FQN reads run in a thread pool)
     assert "Traceback" not in servers[False].log()
+
+
+# ---- ws control messages (§6.2) ------------------------------------------------------------------
+
+WS_CONTROLS = {
+    "invalid-utf8": ([b"\xff\xfe"], "control message is not JSON"),
+    "json-array": ([b"[1, 2]"], "control message is not a JSON object"),
+    "json-null": ([b"null"], "control message is not a JSON object"),
+    "pipeline-bad-host": (
+        [b'{"pipeline": "http://a..b/x", "path": "p"}', b"data"],
+        "has an invalid host name",
+    ),
+    "pipeline-not-a-string": ([b'{"pipeline": ["a"], "path": "p"}', b"data"], "is not an http"),
+    "fqn-nul": ([b'{"fqn": "%00", "path": "p"}'], "embedded null byte"),
+}
+
+
+@pytest.mark.parametrize("case", list(WS_CONTROLS))
+def test_hostile_ws_control_closes_1011(servers: dict[bool, GunicornServer], case: str) -> None:
+    """Never a success frame, never a hang: the connection is closed with the reason."""
+    messages, reason = WS_CONTROLS[case]
+    with ws_connect(servers[False]) as ws:
+        for message in messages:
+            ws.send_binary(message)
+        code, text = expect_close(ws)
+    assert code == 1011
+    assert reason in text
 
 
 # ---- property: random Ais-Node-Url values never get a 5xx ----------------------------------------
