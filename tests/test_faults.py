@@ -423,6 +423,29 @@ def test_chunked_body_cut_mid_chunk_is_never_delivered(
     assert [p for p in puts_to(target, mode) if p.complete] == []
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["buffered", "stream"])
+def test_client_reset_mid_body_is_never_delivered(
+    no_retry: dict[bool, GunicornServer], target: FakeTarget, stream: bool
+) -> None:
+    """The client resets the connection after 100 KiB of a 300 KiB direct-put request: nothing
+    complete reaches the hop (the server's 400 is logged; nobody is left to read it)."""
+    server = no_retry[stream]
+    mode = Mode(f"client-reset-{stream}", stream, "body")
+    head = (
+        f"PUT /src/{mode.name}.bin HTTP/1.1\r\nHost: x\r\n"
+        f"Ais-Node-Url: {mode.hop(target.url)}\r\nContent-Length: {SIZE}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + mode.data[: 100 * 1024])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    answered = f"PUT '/src/{mode.name}.bin' -> 400: Request body"
+    deadline = time.monotonic() + TIMEOUT
+    while answered not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answered in server.log()
+    assert [p for p in puts_to(target, mode) if p.complete] == []
+
+
 def fd_count(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
