@@ -378,6 +378,17 @@ def test_upstream_get_fault_is_an_error(
     run_all(one, [False, True])
 
 
+def test_upstream_connect_stall_is_502_after_the_connect_timeout(serve) -> None:
+    """The target accepts no connection (its queue is full): 502 once ETL_CONNECT_TIMEOUT ends."""
+    with blackhole() as base:
+        server = serve("transformers:UpperStream", AIS_TARGET_URL=base + SECRET_PATH, **TIMEOUTS)
+        started = time.monotonic()
+        status, body, _ = read_reply(server, "GET", HPULL)
+    assert status == 502, body
+    assert "ConnectTimeout" in json.loads(body)["error"]
+    assert 0.9 <= time.monotonic() - started < TIMEOUT
+
+
 # ---- faults of the client ----------------------------------------------------------------------
 
 
