@@ -48,10 +48,18 @@ class Executor:
         return self.mode == "thread" and gevent_active()
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged."""
+        """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged.
+
+        An exception is carried back as a value and raised here: raised inside the pool, gevent
+        would also print it with a traceback to stderr, once per failed object (a missing FQN,
+        a transform error), although the request flow maps it to an answer and logs it.
+        """
         if not self.offloads:
             return fn(*args)
-        return self._get_pool().apply(fn, args)  # type: ignore[no-any-return]
+        outcome = self._get_pool().apply(_capture, (fn, args))
+        if isinstance(outcome, _Raised):
+            raise outcome.exc
+        return outcome  # type: ignore[no-any-return]
 
     def _get_pool(self) -> Any:
         if self._pool is None:
@@ -63,6 +71,20 @@ class Executor:
                     pool.maxsize = self.threads
                     self._pool = pool
         return self._pool
+
+
+class _Raised:
+    """An exception crossing back from a pool thread."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:  # re-raised by Executor.run in the caller's greenlet
+        return _Raised(exc)
 
 
 class MemoryBudgetExceeded(ETLError):

@@ -18,7 +18,7 @@ from typing import Union
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import LocationParseError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from etl_wsgi.config import Settings
@@ -34,6 +34,7 @@ from etl_wsgi.errors import (
     DirectPutRefusedError,
     ETLDirectPutTransientError,
     ETLError,
+    InvalidPipelineError,
     OutboundTLSError,
 )
 
@@ -279,6 +280,9 @@ def _send_once(
             resp.close()
     except ETLError:
         raise  # the transform failed while producing the body, or a nested typed error
+    except (requests.exceptions.InvalidURL, LocationParseError) as exc:
+        # the hop came from the caller's Ais-Node-Url: its fault, not ours (400, not 500)
+        raise InvalidPipelineError(f"Pipeline entry {hop!r} is not usable: {exc}") from exc
     except _RETRIED_ERRORS as exc:
         tls = tls_error(exc, hop)
         if tls is not None:

@@ -51,6 +51,19 @@ class BadRequestError(ETLError):
     status = HTTPStatus.BAD_REQUEST
 
 
+class IncompleteBodyError(BadRequestError):
+    """The request body ended before its ``Content-Length`` (client gone mid-upload) -> 400.
+
+    gunicorn hands the application a short body at EOF without an error; without this check a
+    truncated object would be transformed and delivered as if it were whole.
+    """
+
+    def __init__(self, received: int, expected: int) -> None:
+        super().__init__(
+            f"Request body ended after {received} of {expected} bytes (Content-Length)"
+        )
+
+
 class ObjectNotFoundError(ETLError):
     """``etl_fqn`` names no readable file -> 404 (PROTOCOL.md §3, §7)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -19,6 +20,7 @@ from etl_wsgi.errors import InvalidPipelineError
 
 #: Longest pipeline entry we accept; a real one is a host:port plus an escaped object name.
 MAX_PIPELINE_ENTRY = 8192
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,19 @@ def _check_hop(entry: str) -> None:
         raise InvalidPipelineError(
             f"Pipeline entry {entry[:200]!r} is not an http:// or https:// URL with a host"
         )
+    if "[" not in parts.netloc and not _is_host_name(parts.hostname):
+        raise InvalidPipelineError(f"Pipeline entry {entry[:200]!r} has an invalid host name")
+
+
+def _is_host_name(host: str) -> bool:
+    """An IPv4 address or DNS name: labels of 1-63 ``[a-z0-9_-]`` characters (RFC 1123).
+
+    Stricter than ``urlsplit``: a percent-encoded host (``%41``) would be decoded and looked up
+    by the HTTP client, and an empty or over-long label makes it raise instead of connecting.
+    (IPv6 literals in brackets are validated by ``urlsplit`` itself.)
+    """
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def is_stage_hop(hop: str) -> bool:

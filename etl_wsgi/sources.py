@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ from etl_wsgi.errors import (
     BadRequestError,
     ETLError,
     FileAccessError,
+    IncompleteBodyError,
     ObjectNotFoundError,
     UpstreamNetworkError,
     UpstreamStatusError,
@@ -92,7 +94,27 @@ class FileSource(Source):
         return path
 
     def open(self) -> IO[bytes]:
-        return self._guard(lambda path: open(path, "rb"), self._allowed_path())
+        return self._guard(self._open_regular, self._allowed_path())
+
+    def read_all(self) -> bytes:
+        with self.open() as reader:
+            return self._guard(lambda _: reader.read(), self.fs_path)  # EIO, /proc refusing
+
+    def _open_regular(self, path: str) -> IO[bytes]:
+        """Open only a regular file, without blocking on the way.
+
+        ``O_NONBLOCK``: opening a FIFO for reading would otherwise wait for a writer forever;
+        a device (``/dev/zero``) would stream without end. Neither is an object (§3).
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FileNotFoundError(path)
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _guard(self, fn: Callable[[str], object], path: str):  # type: ignore[no-untyped-def]
         try:
@@ -141,23 +163,23 @@ class UpstreamSource(Source):
     def read_all(self) -> bytes:
         """The whole object in one ``read()``: ``resp.content`` would join 10 KiB pieces.
 
-        Reading to the end hands the connection back to the pool (kept alive); a short body
-        (``Content-Length`` not met) or a reset is a network error, 502.
+        Reading to the end hands the connection back to the pool (kept alive); a short body or
+        a reset is a 502 (:class:`ResponseReader`).
         """
-        with self._get(stream=True) as resp:
-            try:
-                return resp.raw.read(decode_content=True)  # type: ignore[no-any-return]
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise UpstreamNetworkError(
-                    f"Network error reading the object: {type(exc).__name__}: {exc}"
-                ) from exc
+        with self.open() as reader:
+            return reader.read()
 
     def open(self) -> IO[bytes]:
         return ResponseReader(self._get(stream=True))  # type: ignore[return-value]
 
 
 class BodySource(Source):
-    """The request body. One-shot: it comes off the socket once, so not replayable (§4.4)."""
+    """The request body. One-shot: it comes off the socket once, so not replayable (§4.4).
+
+    A body shorter than its ``Content-Length`` (the client went away mid-upload) raises
+    :class:`IncompleteBodyError`: gunicorn reports that as a plain EOF, and a truncated object
+    must never be transformed and acknowledged as whole.
+    """
 
     replayable = False
 
@@ -170,14 +192,25 @@ class BodySource(Source):
 
     def read_all(self) -> bytes:
         try:
-            return self.stream.read()
-        except (OSError, ValueError) as exc:  # client gone mid-body, bad chunk framing
-            raise BadRequestError(
-                f"Request body could not be read: {type(exc).__name__}: {exc}"
-            ) from exc
+            data = self.stream.read()
+        except Exception as exc:  # whatever the server's body reader raises (unreadable_body)
+            raise unreadable_body(exc) from exc
+        if self.content_length is not None and len(data) < self.content_length:
+            raise IncompleteBodyError(len(data), self.content_length)
+        return data
 
     def open(self) -> IO[bytes]:
-        return DrainingReader(self.stream)  # type: ignore[return-value]
+        return DrainingReader(self.stream, self.content_length)  # type: ignore[return-value]
+
+
+def unreadable_body(exc: BaseException) -> BadRequestError:
+    """The client's body could not be read -> 400.
+
+    The client left mid-chunk (gunicorn ``NoMoreData``, an ``OSError``) or sent broken chunked
+    framing (gunicorn ``InvalidChunkSize``, ``ChunkMissingTerminator``: plain ``Exception``
+    subclasses, hence the broad catch at both call sites; Werkzeug's server raises others).
+    """
+    return BadRequestError(f"Request body could not be read: {type(exc).__name__}: {exc}")
 
 
 def select_source(
@@ -228,8 +261,32 @@ class DrainingReader(_DelegatingReader):
     """Request-body reader that drains what the transform left unread when closed (§5, §9.2 #3).
 
     A streaming transform may stop reading early; the unread rest of the body would otherwise sit
-    on the keep-alive connection in front of the next request.
+    on the keep-alive connection in front of the next request.  With ``expected`` (the
+    ``Content-Length``), an end of input before that many bytes raises
+    :class:`IncompleteBodyError` instead of looking like the end of the object.
     """
+
+    def __init__(self, inner: IO[bytes], expected: int | None = None) -> None:
+        super().__init__(inner)
+        self._expected = expected
+        self._received = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from closed reader")
+        try:
+            data = super().read(size)
+        except Exception as exc:  # see unreadable_body
+            raise unreadable_body(exc) from exc
+        self._received += len(data)
+        whole = size is None or size < 0
+        if (
+            self._expected is not None
+            and self._received < self._expected
+            and (whole or (size and not data))
+        ):
+            raise IncompleteBodyError(self._received, self._expected)
+        return data
 
     def close(self) -> None:
         if self.closed:
@@ -250,11 +307,22 @@ class ResponseReader(_DelegatingReader):
     """Reader over a streamed upstream response whose ``close()`` closes the *response*.
 
     Closing only ``resp.raw`` does not return the connection to the pool (PROTOCOL.md §9.2 #2).
+    A failure while reading (reset, read timeout, a body shorter than its ``Content-Length``)
+    is an :class:`UpstreamNetworkError` (502, §2.6), whoever reads: the transform's reader must
+    not turn the target's failure into a transform error.
     """
 
     def __init__(self, response: requests.Response) -> None:
         super().__init__(response.raw)  # type: ignore[arg-type]
         self._response = response
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UpstreamNetworkError(
+                f"Network error: reading the target's reply: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def close(self) -> None:
         if not self.closed:

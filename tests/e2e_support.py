@@ -8,16 +8,20 @@ shared with the unit tests are in tests/unit_support.py.
 from __future__ import annotations
 
 import http.client
+import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from tests.conftest import GunicornServer
 from tests.fake_target import SECRET_PATH, FakeTarget
 
 TIMEOUT = 30.0
 MIB = 1 << 20
+K = TypeVar("K")
 
 
 @contextmanager
@@ -30,6 +34,24 @@ def booted(app: str, target: FakeTarget, workers: int = 1, **env: str) -> Iterat
         yield server.start()
     finally:
         server.stop()
+
+
+@contextmanager
+def booted_many(
+    apps: Mapping[K, str], target: FakeTarget, **env: str
+) -> Iterator[dict[K, GunicornServer]]:
+    """Several servers (``key -> "mod:Class"``, same ``env``), booted in parallel."""
+    full_env = {"AIS_TARGET_URL": target.url + SECRET_PATH, **env}
+    servers = {
+        key: GunicornServer(f'etl_wsgi.app:create_app("{app}")', full_env)
+        for key, app in apps.items()
+    }
+    with ExitStack() as stack:
+        for server in servers.values():
+            stack.callback(server.stop)
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(GunicornServer.start, servers.values()))
+        yield servers
 
 
 def connect(server: GunicornServer, timeout: float = TIMEOUT) -> http.client.HTTPConnection:
@@ -53,6 +75,32 @@ def request(
             return resp.status, resp.headers, resp.read()
     finally:
         conn.close()
+
+
+def send_raw(server: GunicornServer, raw: bytes, timeout: float = TIMEOUT) -> bytes:
+    """Send ``raw`` byte for byte, half-close (the client sends nothing more), read to EOF."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        for _ in range(100_000):  # bounded; ends at EOF
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            reply += data
+    return reply
+
+
+def split_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``(status, headers with lower-case names, body as sent)`` of one raw HTTP/1.x answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1."), raw[:200]
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
 
 
 def wait_for_file(path: Path, timeout: float = TIMEOUT) -> str:

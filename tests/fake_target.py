@@ -9,6 +9,13 @@ close without replying, stall, or answer any status.
         t.script = [CloseAfterBody(), Reply(200)]     # first PUT dropped, second stored
         ...
         t.wait_for(2)                                 # bounded wait for 2 recorded requests
+
+``scripts`` holds per-path scripts (request path without the query) consumed before ``script``,
+so concurrent requests to different paths each meet their own faults; GETs follow a per-path
+script too (a reply, a reset, a stall, a truncated reply), else they serve ``objects``.
+``Recorded.complete`` says whether the body ended as announced (``Content-Length`` reached, or
+the terminating chunk seen): a real target stores only complete bodies.  :func:`blackhole` is a
+listener whose accept queue is full, so connecting to it stalls (connect timeouts).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
@@ -34,6 +43,7 @@ class Recorded:
     body: bytes
     chunked: bool
     at: float = field(default_factory=time.monotonic)
+    complete: bool = True  # the body ended as announced (length reached / last chunk seen)
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers.items():
@@ -94,6 +104,7 @@ class FakeTarget:
         self.objects: dict[str, bytes] = {}
         self.get_status: dict[str, int] = {}
         self.script: list[object] = []
+        self.scripts: dict[str, list[object]] = {}
         self.default: object = Reply(200)
         self.requests: list[Recorded] = []
         self._cond = threading.Condition()
@@ -103,7 +114,7 @@ class FakeTarget:
         class Handler(_Handler):
             fake = target
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -135,11 +146,21 @@ class FakeTarget:
             self.objects.clear()
             self.get_status.clear()
             self.script.clear()
+            self.scripts.clear()
             self.default = Reply(200)
 
-    def next_behaviour(self) -> object:
+    def next_behaviour(self, path: str | None = None) -> object:
         with self._cond:
+            own = self.scripts.get(path or "")
+            if own:
+                return own.pop(0)
             return self.script.pop(0) if self.script else self.default
+
+    def next_get_behaviour(self, path: str) -> object | None:
+        """The next scripted behaviour for a GET of ``path``, or ``None`` (serve ``objects``)."""
+        with self._cond:
+            own = self.scripts.get(path)
+            return own.pop(0) if own else None
 
     def close(self) -> None:
         self._closing.set()
@@ -153,6 +174,14 @@ class FakeTarget:
         self.close()
 
 
+class _Server(ThreadingHTTPServer):
+    """A listen backlog of 5 (socketserver's default) overflows when a test opens a dozen
+    connections at once on a loaded machine: the kernel then drops handshakes, and a client
+    that already sent its request can get a reset that no script asked for."""
+
+    request_queue_size = 256
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fake: FakeTarget
@@ -164,27 +193,38 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self, limit: int | None = None) -> tuple[bytes, bool]:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             return self._read_chunked(limit), True
-        length = int(self.headers.get("Content-Length") or 0)
-        if limit is not None:
-            length = min(length, limit)
-        return self.rfile.read(length), False
+        declared = int(self.headers.get("Content-Length") or 0)
+        length = declared if limit is None else min(declared, limit)
+        try:
+            body = self.rfile.read(length)
+        except OSError:
+            body = b""
+        self._complete = len(body) == declared
+        return body, False
 
     def _read_chunked(self, limit: int | None) -> bytes:
         out = bytearray()
-        while True:
-            size_line = self.rfile.readline(1024)
-            if not size_line:
-                break
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            out += self.rfile.read(size)
-            self.rfile.readline(1024)
-            if limit is not None and len(out) >= limit:
-                break
+        self._complete = False
+        try:
+            while True:
+                size_line = self.rfile.readline(1024)
+                if not size_line:
+                    break
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    self._complete = True
+                    break
+                out += self.rfile.read(size)
+                self.rfile.readline(1024)
+                if limit is not None and len(out) >= limit:
+                    break
+        except (OSError, ValueError):  # the sender went away mid-body
+            pass
         return bytes(out)
+
+    _complete = True
 
     def _record(self, body: bytes, chunked: bool) -> None:
         parts = urlsplit(self.path)
@@ -197,6 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers=dict(self.headers.items()),
                 body=body,
                 chunked=chunked,
+                complete=self._complete,
             )
         )
 
@@ -219,6 +260,10 @@ class _Handler(BaseHTTPRequestHandler):
         body, chunked = self._read_body()
         self._record(body, chunked)
         path = urlsplit(self.path).path
+        behaviour = self.fake.next_get_behaviour(path)
+        if behaviour is not None:
+            self._misbehave(behaviour)
+            return
         status = self.fake.get_status.get(path)
         if status is not None:
             self._send(status, b"error from fake target")
@@ -227,9 +272,19 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found")
 
+    def _misbehave(self, behaviour: object) -> None:
+        """A scripted answer to a GET whose request was read: reply, reset, stall or truncate."""
+        if isinstance(behaviour, Reply):
+            self._send(behaviour.status, behaviour.body, behaviour.headers)
+        elif isinstance(behaviour, (ResetBeforeBody, ResetMidBody)):
+            self._reset()
+        else:
+            self._after_body(behaviour)
+
     def do_PUT(self) -> None:
-        behaviour = self.fake.next_behaviour()
+        behaviour = self.fake.next_behaviour(urlsplit(self.path).path)
         if isinstance(behaviour, ResetBeforeBody):
+            self._complete = False
             self._record(b"", False)
             self._reset()
             return
@@ -242,7 +297,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(body, chunked)
         if isinstance(behaviour, Reply):
             self._send(behaviour.status, behaviour.body, behaviour.headers)
-        elif isinstance(behaviour, CloseAfterBody):
+        else:
+            self._after_body(behaviour)
+
+    def _after_body(self, behaviour: object) -> None:
+        if isinstance(behaviour, CloseAfterBody):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
         elif isinstance(behaviour, Stall):
@@ -258,3 +317,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         else:  # pragma: no cover
             raise AssertionError(f"unknown behaviour {behaviour!r}")
+
+
+@contextmanager
+def blackhole() -> Iterator[str]:
+    """``http://127.0.0.1:<port>`` of a listener that never accepts and whose queue is full.
+
+    A connect to it stalls (the kernel drops the SYN while the accept queue is full) until the
+    client's connect timeout: the "target unreachable, no RST" fault.
+    """
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())  # takes the one queue slot
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"

@@ -6,6 +6,9 @@ Imported by gunicorn workers with ``tests/`` on ``PYTHONPATH`` (transformers as
 
 from __future__ import annotations
 
+import gc
+import os
+
 from flask import Flask, jsonify, request
 
 from etl_wsgi import ETLExtension
@@ -52,4 +55,25 @@ def make_root_app(module: str = "transformers") -> Flask:
     """Host routes plus ``Upper`` at the root (its ``/health``), behind the host's own routes."""
     app = _host_app(health=False)
     ETLExtension().init_app(app, etl=f"{module}:Upper")
+    return app
+
+
+def make_soak_app(module: str = "transformers") -> Flask:
+    """tests/test_soak.py: ``Upper`` at ``/b``, ``UpperStream`` at ``/s``, one worker process.
+
+    ``GET /debug/greenlets`` is a test-only introspection hook (it lives here, not in the
+    package): the worker's pid and the number of greenlet objects alive after a collection.
+    """
+    import greenlet
+
+    app = _host_app(health=True)
+    ETLExtension(app, etl=f"{module}:Upper", url_prefix="/b")
+    ETLExtension(app, etl=f"{module}:UpperStream", url_prefix="/s")
+
+    @app.get("/debug/greenlets")
+    def greenlets():
+        gc.collect()
+        alive = sum(isinstance(o, greenlet.greenlet) for o in gc.get_objects())
+        return jsonify(pid=os.getpid(), greenlets=alive)
+
     return app

@@ -26,6 +26,7 @@ from etl_wsgi.errors import (
     DirectPutError,
     DirectPutRefusedError,
     ETLDirectPutTransientError,
+    InvalidPipelineError,
     TransformError,
 )
 from etl_wsgi.handler import _guard_stream
@@ -230,9 +231,19 @@ def test_refused_is_502_at_once(run: Run) -> None:
 
 def test_other_send_errors_are_500_without_retry(run: Run) -> None:
     with pytest.raises(DirectPutError) as info:
-        run(retries=3, url="http:///no-host")
+        run(retries=3, url="ftp://127.0.0.1/x")
     assert info.value.status == 500
-    assert "InvalidURL" in info.value.message
+    assert "InvalidSchema" in info.value.message
+    assert (run.sleeps, run.attempts, run.closed) == ([], 1, 1)
+
+
+@pytest.mark.parametrize("url", ["http:///no-host", "http://a..b/x", f"http://{'a' * 64}/x"])
+def test_url_the_http_client_refuses_is_400_without_retry(run: Run, url: str) -> None:
+    """The hop comes from the caller's ``Ais-Node-Url``: a URL urllib3 cannot use is its fault."""
+    with pytest.raises(InvalidPipelineError) as info:
+        run(retries=3, url=url)
+    assert info.value.status == 400
+    assert info.value.message.startswith(f"Invalid pipeline header: Pipeline entry {run.hop!r}")
     assert (run.sleeps, run.attempts, run.closed) == ([], 1, 1)
 
 

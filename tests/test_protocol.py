@@ -6,6 +6,7 @@ import dataclasses
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit
 
 import pytest
+import urllib3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -116,6 +117,29 @@ def test_bad_port_or_host_is_invalid(entry: str) -> None:
         parse_pipeline(entry)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "http://a..b/x",
+        f"http://{'a' * 64}:1",
+        "http://%41:1/x",
+        "http://h\u00e9.com/x",
+    ],
+)
+def test_host_names_the_http_client_would_mangle_or_refuse_are_invalid(entry: str) -> None:
+    """Empty or 64+ character labels make urllib3 raise (was a 500); ``%41`` is looked up as
+    ``a``; non-ASCII names are never AIS node addresses."""
+    with pytest.raises(InvalidPipelineError, match="has an invalid host name"):
+        parse_pipeline(entry)
+
+
+@pytest.mark.parametrize(
+    "entry", ["http://127.0.0.1:1", "http://a-b.c_d.example.:80/x", "http://[::1]:8080", "http://H"]
+)
+def test_ordinary_hosts_are_valid(entry: str) -> None:
+    assert parse_pipeline(entry) == Pipeline(entry)
+
+
 def test_overly_long_entry_is_invalid() -> None:
     entry = "http://a:1/" + "x" * MAX_PIPELINE_ENTRY
     with pytest.raises(InvalidPipelineError, match=f"longer than {MAX_PIPELINE_ENTRY}"):
@@ -180,6 +204,48 @@ def test_property_any_empty_entry_is_invalid(entries: list[str], at: int) -> Non
     entries.insert(at % (len(entries) + 1), " ")
     with pytest.raises(InvalidPipelineError, match=r"^Pipeline header contains empty entry$"):
         parse_pipeline(",".join(entries))
+
+
+_urlish = st.lists(
+    st.one_of(
+        st.sampled_from(
+            ["http://", "https://", "ftp://", "[", "]", "::1", "..", "%41", "%zz", "@"]
+        ),
+        st.text(st.characters(max_codepoint=0x17F), max_size=6),
+    ),
+    max_size=8,
+).map("".join)
+
+
+@given(st.one_of(st.text(max_size=60), _urlish, st.lists(_urlish, max_size=4).map(",".join)))
+def test_property_any_header_parses_or_is_invalid_pipeline(header: str) -> None:
+    """Arbitrary text never escapes as another exception (that would be a 500)."""
+    try:
+        parse_pipeline(header)
+    except InvalidPipelineError:
+        pass
+
+
+@given(
+    st.one_of(_urlish, http_urls()).map(lambda u: u if "://" in u else "http://127.0.0.1" + u),
+    target_urls(),
+    _text,
+    _text,
+)
+def test_property_accepted_hops_compose_urls_the_http_client_can_use(
+    hop: str, host_target: str, obj_path: str, etl_args: str
+) -> None:
+    """Whatever ``parse_pipeline`` accepts, urllib3 parses the composed URL with the same host
+    (else the put would fail with a 500, or go to another host)."""
+    try:
+        pipeline = parse_pipeline(hop)
+    except InvalidPipelineError:
+        return
+    assert pipeline is not None
+    url = compose_direct_put_url(pipeline.first, host_target, obj_path, etl_args)
+    parsed = urllib3.util.parse_url(url)
+    assert parsed.host is not None
+    assert parsed.host.strip("[]").lower() == urlsplit(pipeline.first).hostname
 
 
 # --- compose_direct_put_url (§4.2) -----------------------------------------------------------

@@ -18,6 +18,7 @@ from etl_wsgi.direct_put import build_session
 from etl_wsgi.errors import (
     BadRequestError,
     FileAccessError,
+    IncompleteBodyError,
     ObjectNotFoundError,
     UpstreamNetworkError,
     UpstreamStatusError,
@@ -31,7 +32,7 @@ from etl_wsgi.sources import (
     UpstreamSource,
     select_source,
 )
-from tests.fake_target import SECRET_PATH, FakeTarget
+from tests.fake_target import SECRET_PATH, FakeTarget, Truncated
 from tests.unit_support import closed_port, path_escape, write_object
 
 TIMEOUT = (5.0, 5.0)
@@ -87,6 +88,26 @@ def test_missing_file_is_404_naming_both_paths(tmp_path, action: str) -> None:
 def test_directory_is_404(tmp_path, action: str) -> None:
     with pytest.raises(ObjectNotFoundError):
         getattr(FileSource(path_escape(tmp_path), "src/dir"), action)()
+
+
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_fifo_is_404_without_blocking(tmp_path, action: str) -> None:
+    """Opening a FIFO for reading waits for a writer: the source must not (a hung request)."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ObjectNotFoundError):
+        getattr(FileSource(path_escape(tmp_path / "fifo"), "src/f"), action)()
+
+
+@pytest.mark.parametrize("action", ["open", "read_all", "check"])
+def test_device_is_404_not_an_endless_read(action: str) -> None:
+    with pytest.raises(ObjectNotFoundError, match="/dev/zero"):
+        getattr(FileSource(path_escape("/dev/zero"), "src/z"), action)()
+
+
+def test_read_error_is_400() -> None:
+    """``/proc/self/mem`` is a regular file whose read fails (EIO): a clear 400, not a 500."""
+    with pytest.raises(BadRequestError, match="Input/output error"):
+        FileSource(path_escape("/proc/self/mem"), "src/m").read_all()
 
 
 @pytest.mark.parametrize("action", ["open", "check"])
@@ -258,6 +279,17 @@ def test_response_reader_close_after_partial_read(session, target: FakeTarget) -
     assert src.read_all() == b"small"
 
 
+def test_response_reader_failure_is_a_network_error(session, target: FakeTarget) -> None:
+    """A reply cut short while the transform reads it is a 502, not the transform's 500."""
+    target.scripts[f"{SECRET_PATH}/{ESCAPED}"] = [Truncated(200, b"partial", declared=1000)]
+    with upstream(session, target).open() as reader:
+        assert reader.read(7) == b"partial"
+        with pytest.raises(UpstreamNetworkError) as info:
+            reader.read(100)
+    assert info.value.status == 502
+    assert info.value.message.startswith("Network error: reading the target's reply: ")
+
+
 def test_response_reader_works_with_buffered_io(session, target: FakeTarget) -> None:
     target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"line1\nline2\n"
     with io.BufferedReader(upstream(session, target).open()) as buffered:
@@ -272,6 +304,61 @@ def test_body_source_is_one_shot() -> None:
     src = BodySource(io.BytesIO(b"hello"))
     assert not src.replayable
     assert src.read_all() == b"hello"
+
+
+def test_body_shorter_than_content_length_is_400() -> None:
+    """gunicorn ends a short body with a plain EOF: it must not pass for the whole object."""
+    assert BodySource(io.BytesIO(b"hello"), 5).read_all() == b"hello"
+    with pytest.raises(IncompleteBodyError) as info:
+        BodySource(io.BytesIO(b"hel"), 5).read_all()
+    assert info.value.status == 400
+    assert info.value.message == "Request body ended after 3 of 5 bytes (Content-Length)"
+
+
+@pytest.mark.parametrize("sizes", [[-1], [2, 2, 2], [None], [1, 1, 1, 1]])
+def test_draining_reader_raises_when_the_body_ends_early(sizes: list[int | None]) -> None:
+    reader = BodySource(io.BytesIO(b"hel"), 5).open()
+    with pytest.raises(IncompleteBodyError, match="ended after 3 of 5 bytes"):
+        for size in sizes:
+            reader.read(size)
+    reader.close()
+
+
+def test_draining_reader_read_error_is_400() -> None:
+    """gunicorn raises ``NoMoreData`` (an ``OSError``) when a chunked body is cut mid-chunk."""
+    reader = DrainingReader(BrokenStream(OSError("No more data")))  # type: ignore[arg-type]
+    with pytest.raises(BadRequestError) as info:
+        reader.read(10)
+    assert info.value.status == 400
+    assert info.value.message == "Request body could not be read: OSError: No more data"
+    reader.close()
+
+
+class BadFraming(Exception):
+    """Like gunicorn's ``InvalidChunkSize``: a plain ``Exception``, not an ``OSError``."""
+
+
+@pytest.mark.parametrize("action", ["read_all", "open"])
+def test_broken_chunked_framing_is_400(action: str) -> None:
+    src = BodySource(BrokenStream(BadFraming("Invalid chunk size: b'zz'")))  # type: ignore[arg-type]
+    with pytest.raises(BadRequestError) as info:
+        src.read_all() if action == "read_all" else src.open().read(10)
+    assert info.value.status == 400
+    assert info.value.message == (
+        "Request body could not be read: BadFraming: Invalid chunk size: b'zz'"
+    )
+
+
+def test_draining_reader_with_a_complete_body_reads_to_eof() -> None:
+    reader = BodySource(io.BytesIO(b"hello"), 5).open()
+    assert [reader.read(2), reader.read(2), reader.read(2), reader.read(2)] == [
+        b"he",
+        b"ll",
+        b"o",
+        b"",
+    ]
+    assert reader.read(0) == b""
+    reader.close()
 
 
 class RecordingStream(io.BytesIO):
