@@ -34,6 +34,14 @@ def gevent_active() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
+def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)``: a task's failure as a value."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc
+
+
 class Executor:
     """Runs blocking calls in the hub's thread pool (``thread``) or inline."""
 
@@ -48,10 +56,18 @@ class Executor:
         return self.mode == "thread" and gevent_active()
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged."""
+        """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged.
+
+        The pool thread returns a failure instead of raising it: gevent's thread pool reports
+        an exception raised in a task to the hub, which prints it with a traceback to stderr;
+        the request's error mapping logs it once already.
+        """
         if not self.offloads:
             return fn(*args)
-        return self._get_pool().apply(fn, args)  # type: ignore[no-any-return]
+        ok, value = self._get_pool().apply(_capture, (fn, args))
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     def _get_pool(self) -> Any:
         if self._pool is None:
