@@ -1,7 +1,9 @@
 """Flask adapter: ``flask.request`` -> ``ParsedRequest`` -> ``handle()`` -> ``flask.Response``.
 
-Routes (PROTOCOL.md §2.1): ``GET /health``, ``GET|PUT /<path>``.  Errors are mapped to the wire in
-:func:`error_response`, the one table of PROTOCOL.md §7 (JSON ``{"error": "..."}`` bodies).
+Routes (PROTOCOL.md §2.1): ``GET /health``, ``GET|PUT /<path>``, ``GET /ws`` (§6), and
+``GET /metrics`` (Prometheus; the metrics themselves are recorded by :mod:`etl_wsgi.handler`).
+Errors are mapped to the wire in :func:`error_response`, the one table of PROTOCOL.md §7 (JSON
+``{"error": "..."}`` bodies).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
 
-from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
+from etl_wsgi import handler
+from etl_wsgi.const import HEADER_NODE_URL, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
 from etl_wsgi.errors import ETLError
 from etl_wsgi.handler import Reply, handle, http_source
-from etl_wsgi.protocol import ParsedRequest, redact_secret
+from etl_wsgi.protocol import ParsedRequest
 from etl_wsgi.ws import is_upgrade, serve_websocket
 
 if TYPE_CHECKING:
@@ -29,7 +32,7 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
     bp = Blueprint(name, __name__)
 
     def health() -> Response:
-        return Response(HEALTH_BODY, status=HTTPStatus.OK, content_type="text/plain")
+        return to_response(handler.health(etl))
 
     def transform(path: str = "") -> Response:
         req = ParsedRequest(
@@ -59,13 +62,13 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
     def on_unexpected(exc: Exception) -> Response | HTTPException:
         if isinstance(exc, HTTPException):  # routing, 405, 413...: Werkzeug's own answer
             return exc
-        etl.logger.error(
-            "%s %r: unexpected error: %s", request.method, request.path, exc, exc_info=exc
-        )
-        return error_response(etl, ETLError(f"{type(exc).__name__}: {exc}"))
+        error = ETLError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error_response(etl, error, exc_info=exc)  # logged there, with the traceback
 
     # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
     bp.add_url_rule("/health", "health", health, methods=["GET"])
+    bp.add_url_rule("/metrics", "metrics", lambda: metrics_response(etl), methods=["GET"])
     bp.add_url_rule("/ws", "websocket", websocket, methods=["GET"], websocket=True)
     bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
     bp.add_url_rule(
@@ -74,6 +77,15 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
     bp.register_error_handler(ETLError, on_etl_error)
     bp.register_error_handler(Exception, on_unexpected)
     return bp
+
+
+def metrics_response(etl: ETLServer) -> Response:
+    """Prometheus scrape (every worker's values); 404 with ``ETL_METRICS`` off."""
+    reply = handler.metrics_reply(etl)
+    if reply is None:  # not logged: a scraper would fill the log
+        body = json.dumps({"error": "metrics are disabled (ETL_METRICS)"}).encode()
+        return Response(body, status=HTTPStatus.NOT_FOUND, content_type="application/json")
+    return to_response(reply)
 
 
 def to_response(reply: Reply) -> Response:
@@ -100,22 +112,14 @@ class _SocketTakenOver(Response):
         raise ConnectionError("WebSocket session ended")
 
 
-def error_response(etl: ETLServer, exc: ETLError) -> Response:
+def error_response(
+    etl: ETLServer, exc: ETLError, exc_info: BaseException | None = None
+) -> Response:
     """The one mapping of errors to the wire (PROTOCOL.md §7), logged once with path and cause.
 
     The per-ETL secret of ``AIS_TARGET_URL`` is redacted: error bodies end up in AIS job errors.
     """
-    message = redact_secret(exc.message, etl.host_target)
-    level = etl.logger.error if exc.status >= 500 else etl.logger.warning
-    cause = exc.__cause__
-    level(
-        "%s %r -> %d: %s%s",
-        request.method,
-        request.path,
-        exc.status,
-        message,
-        f" (cause: {type(cause).__name__})" if cause is not None else "",
-    )
+    message = handler.log_error(etl, request.method, request.path, exc, exc_info=exc_info)
     body = json.dumps({"error": message}).encode()
     return Response(body, status=exc.status, headers=exc.headers, content_type="application/json")
 

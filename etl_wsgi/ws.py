@@ -51,7 +51,8 @@ from wsproto.frame_protocol import CloseReason
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
 from etl_wsgi.errors import BadRequestError, ETLError
-from etl_wsgi.handler import Reply, handle
+from etl_wsgi.handler import Reply, handle, log_error
+from etl_wsgi.metrics import ROUTE_WS
 from etl_wsgi.protocol import ParsedRequest, parse_pipeline, redact_secret
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
@@ -281,13 +282,10 @@ class WebSocketSession:
             self._busy = True
             try:
                 self._process(task)
-            except ETLError as exc:
-                self._fail(task, exc.message, exc)
-                return
             except WebSocketClosed:
                 return
             except Exception as exc:
-                self._fail(task, f"{type(exc).__name__}: {exc}", exc)
+                self._fail(task, exc)
                 return
             finally:
                 self._busy = False
@@ -296,7 +294,7 @@ class WebSocketSession:
                 self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _process(self, task: Task) -> None:
-        reply = handle(self.etl, task.req, task.source)
+        reply = handle(self.etl, task.req, task.source, ROUTE_WS)
         try:
             self._reply(task, reply)
         finally:
@@ -336,11 +334,19 @@ class WebSocketSession:
             if close is not None:
                 close()
 
-    def _fail(self, task: Task, message: str, exc: BaseException) -> None:
-        message = redact_secret(message, self.etl.host_target)
-        self.etl.logger.error(
-            "ws %r: closing connection with 1011: %s", task.req.path, message, exc_info=exc
-        )
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        """Close with 1011; the failure is logged once (a cut stream was logged already)."""
+        if isinstance(exc, ETLError):
+            error, trace = exc, None
+        else:
+            error, trace = ETLError(f"{type(exc).__name__}: {exc}"), exc
+            error.__cause__ = exc
+        if error.logged:
+            message = redact_secret(error.message, self.etl.host_target)
+        else:
+            message = log_error(
+                self.etl, "ws", task.req.path, error, "closing connection with 1011", trace
+            )
         self.close(CloseReason.INTERNAL_ERROR, message)
 
     # the reader: tasks in, bounded
