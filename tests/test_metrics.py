@@ -25,6 +25,7 @@ from etl_wsgi.errors import StreamCut, TransformError
 from tests.conftest import GunicornServer
 from tests.e2e_support import TIMEOUT, request, wait_for_file
 from tests.fake_target import FakeTarget
+from tests.test_e2e_ws import OP_BINARY, expect_close, recv, send_task, ws_connect
 from tests.test_handler import RecordingStream, call, put
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -280,3 +281,20 @@ def test_given_multiproc_dir_is_wiped_and_used(
     assert value(scrape(server), "etl_requests_total", **OBJ, status="200") == 1
     assert not stale.exists()
     assert any(p.name.startswith("counter_") for p in tmp_path.iterdir())
+
+
+def test_websocket_tasks_are_counted_under_ws(serve: Callable[..., GunicornServer]) -> None:
+    """The same flow records WebSocket tasks (route ``/ws``), including a failed one."""
+    server = serve("transformers:Upper")
+    with ws_connect(server) as ws:
+        send_task(ws, {"path": "b/a"}, b"abc")
+        assert recv(ws) == (OP_BINARY, b"ABC")
+        send_task(ws, {"path": "b/boom"}, b"boom")
+        assert expect_close(ws) == (1011, "bad")
+    samples = scrape(server)
+    ws_route = {"method": "PUT", "route": "/ws"}
+    assert value(samples, "etl_requests_total", **ws_route, status="200") == 1
+    assert value(samples, "etl_requests_total", **ws_route, status="500") == 1
+    assert value(samples, "etl_received_bytes_total", route="/ws") == 3 + 4
+    assert value(samples, "etl_sent_bytes_total", route="/ws") == 3
+    assert value(samples, "etl_requests_in_flight") == 0
