@@ -389,7 +389,8 @@ class Settings:
         "ETL_GRACEFUL_TIMEOUT",
         _positive_int,
         30,
-        "Seconds in-flight requests get to finish after SIGTERM.",
+        "Seconds in-flight requests get to finish after SIGTERM (new connections are refused); "
+        "then they are cut. Keep it at or below the pod's `terminationGracePeriodSeconds`.",
         group="gunicorn",
     )
     keepalive: int = setting(

@@ -239,9 +239,14 @@ def on_exit(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`)."""
-    from etl_wsgi import lifecycle
+    """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`).
 
+    Also builds the worker's metrics now (prometheus_client's import and files), not in the
+    first request.
+    """
+    from etl_wsgi import lifecycle, metrics
+
+    metrics.recorder(_settings(require_target=False))
     lifecycle.start_watcher()
     previous = signal.getsignal(signal.SIGTERM)
 

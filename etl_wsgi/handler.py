@@ -3,7 +3,9 @@
 An adapter (the Flask blueprint, later WebSocket) decodes its request into a
 :class:`~etl_wsgi.protocol.ParsedRequest`, calls :func:`handle`, and writes the returned
 :class:`Reply`.  Failures are raised as :class:`~etl_wsgi.errors.ETLError` subclasses; the adapter
-maps them in one place.
+maps them in one place and logs them once with :func:`log_error`.  Metrics are recorded here
+(:mod:`etl_wsgi.metrics`), so every adapter gets them; :func:`health` and :func:`metrics_reply`
+answer the two other routes.
 """
 
 from __future__ import annotations
@@ -345,8 +347,8 @@ def log_error(
     kind = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
     cause = f"{message} ({kind})" if kind and not message.startswith(kind) else message
     level = logging.ERROR if exc.status >= 500 or what else logging.WARNING
-    extra = {"method": method, "path": path, "status": exc.status, "cause": cause}
-    outcome = what or f"-> {exc.status}"
+    extra = {"method": method, "path": path, "status": int(exc.status), "cause": cause}
+    outcome = what or f"-> {int(exc.status)}"
     etl.logger.log(
         level, "%s %r %s: %s", method, path, outcome, cause, extra=extra, exc_info=exc_info
     )

@@ -58,10 +58,15 @@ class Track:
             return
         self._done = True
         assert self._recorder is not None
-        self._recorder.finished(self, str(status), bytes_out)
+        self._recorder.finished(self, _label(status), bytes_out)
 
 
 _NULL_TRACK = Track(None, "", "")
+
+
+def _label(status: int | str) -> str:
+    """``"200"``: ``str(HTTPStatus.OK)`` is ``"HTTPStatus.OK"`` on Python 3.10."""
+    return status if isinstance(status, str) else str(int(status))
 
 
 class Recorder:
@@ -141,7 +146,7 @@ class Recorder:
 
     def request(self, method: str, route: str, status: int) -> None:
         """A request answered at once, with no body worth counting (``/health``)."""
-        self.requests.labels(method, route, str(status)).inc()
+        self.requests.labels(method, route, _label(status)).inc()
 
     def transform_time(self, mode: str, seconds: float) -> None:
         self.transform_seconds.labels(mode).observe(seconds)
