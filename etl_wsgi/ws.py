@@ -231,8 +231,12 @@ class WebSocketSession:
 
     def run(self) -> None:
         reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
-        reader.start()
+        # Registered before the reader starts: starting a thread yields to the event loop, where
+        # a stop notification may run; one that came earlier is caught by stopping().
         _SESSIONS.add(self)
+        reader.start()
+        if lifecycle.stopping():
+            self.going_away()
         try:
             self._work_loop()
         finally:
@@ -265,7 +269,11 @@ class WebSocketSession:
     def going_away(self) -> None:
         """The worker is stopping: close now if idle (1001), else after the task in flight."""
         self._going_away = True
-        if self._idle():
+        self._close_if_going_away()
+
+    def _close_if_going_away(self) -> None:
+        """Close with 1001 if stopping and idle: checked on stop, after a task, at a boundary."""
+        if self._going_away and self._idle():
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _idle(self) -> bool:
@@ -290,8 +298,7 @@ class WebSocketSession:
             finally:
                 self._busy = False
                 task.close(self.etl)
-            if self._going_away and self._idle():
-                self.close(CloseReason.GOING_AWAY, "server shutting down")
+            self._close_if_going_away()
 
     def _process(self, task: Task) -> None:
         reply = handle(self.etl, task.req, task.source, ROUTE_WS)
@@ -352,11 +359,15 @@ class WebSocketSession:
     # the reader: tasks in, bounded
     def _read_loop(self) -> None:
         stream: ChunkQueueReader | None = None
+        path = ""  # of the task being read, once its control message is parsed
         try:
             events = self._events()
             while True:
                 self._at_boundary = True
+                self._close_if_going_away()
+                path = ""
                 req = _parse_control(self._read_message(events, CONTROL_LIMIT))
+                path = req.path
                 if req.fqn:
                     parse_pipeline(req.node_url)  # a bad header fails before the next read
                     self.tasks.put(Task(req, FileSource(req.fqn, req.path)))
@@ -376,7 +387,12 @@ class WebSocketSession:
                 stream.chunks.put(WebSocketClosed(str(exc)))
             # ETLError.message, as on the worker's path: "Invalid pipeline header: ..." (§10 #12)
             message = exc.message if isinstance(exc, ETLError) else str(exc)
-            log.error("ws: reading tasks failed: %s", message)
+            log.error(
+                "ws %r: reading the task failed: %s",
+                path,
+                message,
+                extra={"path": path, "cause": message},
+            )
             code = exc.code if isinstance(exc, _TooBig) else CloseReason.INTERNAL_ERROR
             self.close(code, f"bad task: {message}")
         finally:

@@ -32,7 +32,7 @@ import websocket
 from websocket import ABNF
 
 from tests.conftest import GunicornServer
-from tests.e2e_support import MIB, TIMEOUT, booted, request, vm_hwm_kib
+from tests.e2e_support import MIB, TIMEOUT, booted, request, vm_hwm_kib, wait_for_file
 from tests.fake_target import SECRET_PATH, FakeTarget, Reply
 from tests.unit_support import (
     DST_PATH,
@@ -597,11 +597,16 @@ def test_sigterm_closes_idle_connection_with_1001_and_worker_exits(serve):
     assert server.proc.wait(timeout=10) == 0
 
 
-def test_sigterm_lets_the_task_in_flight_finish_then_1001(serve):
-    """SIGTERM during a transform: its reply still arrives, then the connection closes with 1001."""
-    server = serve("transformers:SlowUpper")
+def test_sigterm_lets_the_task_in_flight_finish_then_1001(serve, tmp_path):
+    """SIGTERM during a transform: its reply still arrives, then the connection closes with 1001.
+
+    The signal is sent once the transform has started (a task still unread in the socket when
+    the worker stops is not in flight: the session may close before reading it).
+    """
+    server = serve("transformers:MarkedSleep")
     with ws_connect(server) as ws:
-        send_task(ws, {"path": "a"}, b"slow")
+        send_task(ws, {"path": "a", "etl_args": f"{tmp_path},0.3"}, b"slow")
+        wait_for_file(tmp_path / "started")
         server.proc.send_signal(15)
         assert recv(ws) == (OP_BINARY, b"SLOW")
         assert expect_close(ws) == (1001, "server shutting down")
