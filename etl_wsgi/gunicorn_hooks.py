@@ -148,13 +148,17 @@ def make_formatter(log_format: str, host_target: str) -> logging.Formatter:
 
 
 def configure_logging(level: str, host_target: str = "", log_format: str = "plain") -> None:
-    """Logs to stderr for the library and the transformer's ``self.logger``."""
+    """Logs to stderr for the library and the transformer's ``self.logger``.
+
+    Python warnings become log records too (logger ``py.warnings``), in the same format.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(make_formatter(log_format, host_target))
         root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)
 
 
 class GunicornLogger(_GunicornBaseLogger):

@@ -44,7 +44,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.fixture
 def restore_process_state() -> Iterator[None]:
-    """on_starting changes the root log level and RLIMIT_NOFILE: put both back."""
+    """on_starting changes the root log level, RLIMIT_NOFILE and warnings capture: put back."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -52,6 +52,7 @@ def restore_process_state() -> Iterator[None]:
     root.setLevel(level)
     root.handlers[:] = handlers
     resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    logging.captureWarnings(False)
 
 
 # --- config_values ---------------------------------------------------------------------------

@@ -34,9 +34,6 @@ def test_json_lines_with_path_and_cause_once(serve: Callable[..., GunicornServer
         ETL_LOG_FORMAT="json",
         ETL_ACCESS_LOG="1",
         AIS_TARGET_URL=target,
-        # gunicorn 27 leaks a socket object when it adopts an fd:// listener (a ResourceWarning
-        # printed by the interpreter, not a log record)
-        PYTHONWARNINGS="ignore::ResourceWarning",
     )
     assert request(server, "PUT", "/b/ok", b"fine")[0::2] == (200, b"FINE")
     assert request(server, "PUT", "/b/boom", b"boom")[0] == 500
