@@ -9,4 +9,10 @@ setting; see the README's settings table. Command-line flags still override thes
 """
 
 from etl_wsgi.gunicorn_conf import *  # noqa: F403
-from etl_wsgi.gunicorn_conf import on_starting, post_worker_init, when_ready  # noqa: F401
+from etl_wsgi.gunicorn_conf import (  # noqa: F401
+    child_exit,
+    on_exit,
+    on_starting,
+    post_worker_init,
+    when_ready,
+)

@@ -1,7 +1,9 @@
 """Flask adapter: ``flask.request`` -> ``ParsedRequest`` -> ``handle()`` -> ``flask.Response``.
 
-Routes (PROTOCOL.md §2.1): ``GET /health``, ``GET|PUT /<path>``.  Errors are mapped to the wire in
-:func:`error_response`, the one table of PROTOCOL.md §7 (JSON ``{"error": "..."}`` bodies).
+Routes (PROTOCOL.md §2.1): ``GET /health``, ``GET|PUT /<path>``, ``GET /ws`` (§6), and
+``GET /metrics`` (Prometheus; the metrics themselves are recorded by :mod:`etl_wsgi.handler`).
+Errors are mapped to the wire in :func:`error_response`, the one table of PROTOCOL.md §7 (JSON
+``{"error": "..."}`` bodies).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from etl_wsgi.const import HEADER_NODE_URL, HEALTH_BODY, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
+from etl_wsgi import handler
+from etl_wsgi.const import HEADER_NODE_URL, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
 from etl_wsgi.errors import ETLError
 from etl_wsgi.handler import Reply, handle, http_source
-from etl_wsgi.protocol import ParsedRequest, redact_secret
+from etl_wsgi.protocol import ParsedRequest
 from etl_wsgi.ws import is_upgrade, serve_websocket
 
 if TYPE_CHECKING:
@@ -31,7 +34,7 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
     bp = Blueprint(name, __name__)
 
     def health() -> Response:
-        return Response(HEALTH_BODY, status=HTTPStatus.OK, content_type="text/plain")
+        return to_response(handler.health(etl))
 
     def transform(path: str = "") -> WerkzeugResponse:
         return serve_object(etl, request, path)
@@ -50,6 +53,7 @@ def make_blueprint(etl: ETLServer, name: str = "etl_wsgi") -> Blueprint:
 
     # merge_slashes=False: object names may contain "//"; Werkzeug would otherwise redirect.
     bp.add_url_rule("/health", "health", health, methods=["GET"])
+    bp.add_url_rule("/metrics", "metrics", lambda: metrics_response(etl), methods=["GET"])
     bp.add_url_rule("/ws", "websocket", websocket, methods=["GET"], websocket=True)
     bp.add_url_rule("/", "transform_root", transform, methods=["GET", "PUT"], merge_slashes=False)
     bp.add_url_rule(
@@ -83,6 +87,15 @@ def serve_object(etl: ETLServer, request: Request, path: str) -> WerkzeugRespons
     if reply.held:
         response.call_on_close(lambda: etl.memory_budget.release(reply.held))
     return response
+
+
+def metrics_response(etl: ETLServer) -> Response:
+    """Prometheus scrape (every worker's values); 404 with ``ETL_METRICS`` off."""
+    reply = handler.metrics_reply(etl)
+    if reply is None:  # not logged: a scraper would fill the log
+        body = json.dumps({"error": "metrics are disabled (ETL_METRICS)"}).encode()
+        return Response(body, status=HTTPStatus.NOT_FOUND, content_type="application/json")
+    return to_response(reply)
 
 
 def to_response(reply: Reply) -> Response:
@@ -125,18 +138,7 @@ def error_response(
 
     The per-ETL secret of ``AIS_TARGET_URL`` is redacted: error bodies end up in AIS job errors.
     """
-    message = redact_secret(exc.message, etl.host_target, etl.settings.authn_token)
-    level = etl.logger.error if exc.status >= 500 else etl.logger.warning
-    cause = exc.__cause__
-    level(
-        "%s %r -> %d: %s%s",
-        request.method,
-        request.path,
-        exc.status,
-        message,
-        f" (cause: {type(cause).__name__})" if cause is not None else "",
-        exc_info=exc_info,
-    )
+    message = handler.log_error(etl, request.method, request.path, exc, exc_info=exc_info)
     body = json.dumps({"error": message}).encode()
     return Response(body, status=exc.status, headers=exc.headers, content_type="application/json")
 

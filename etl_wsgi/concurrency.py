@@ -34,6 +34,14 @@ def gevent_active() -> bool:
     return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
+def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)``: a task's failure as a value."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc
+
+
 class Executor:
     """Runs blocking calls in the hub's thread pool (``thread``) or inline."""
 
@@ -50,16 +58,16 @@ class Executor:
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, in a pool thread when offloading; exceptions propagate unchanged.
 
-        An exception is carried back as a value and raised here: raised inside the pool, gevent
-        would also print it with a traceback to stderr, once per failed object (a missing FQN,
-        a transform error), although the request flow maps it to an answer and logs it.
+        The pool thread returns a failure instead of raising it: gevent's thread pool reports
+        an exception raised in a task to the hub, which prints it with a traceback to stderr;
+        the request's error mapping logs it once already.
         """
         if not self.offloads:
             return fn(*args)
-        outcome = self._get_pool().apply(_capture, (fn, args))
-        if isinstance(outcome, _Raised):
-            raise outcome.exc
-        return outcome  # type: ignore[no-any-return]
+        ok, value = self._get_pool().apply(_capture, (fn, args))
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     def _get_pool(self) -> Any:
         if self._pool is None:
@@ -71,20 +79,6 @@ class Executor:
                     pool.maxsize = self.threads
                     self._pool = pool
         return self._pool
-
-
-class _Raised:
-    """An exception crossing back from a pool thread."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    try:
-        return fn(*args)
-    except Exception as exc:  # re-raised by Executor.run in the caller's greenlet
-        return _Raised(exc)
 
 
 class MemoryBudgetExceeded(ETLError):

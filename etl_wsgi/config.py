@@ -144,6 +144,19 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _log_format(raw: str) -> str:
+    fmt = raw.lower()
+    if fmt not in ("plain", "json"):
+        raise ValueError("expected 'plain' or 'json'")
+    return fmt
+
+
+def _existing_dir(raw: str) -> str:
+    if not os.path.isdir(raw):
+        raise ValueError("directory does not exist")
+    return raw
+
+
 def _bind(raw: str) -> str:
     if raw.startswith(("unix:", "fd://")):
         return raw
@@ -376,6 +389,33 @@ class Settings:
         "INFO",
         "Log level of the server and of the transformer's `self.logger`.",
     )
+    log_format: str = setting(
+        "ETL_LOG_FORMAT",
+        _log_format,
+        "plain",
+        "`plain`: one text line per record; `json`: one JSON object per line (gunicorn's own "
+        "lines too), with `path` and `cause` fields on request errors.",
+    )
+    access_log: bool = setting(
+        "ETL_ACCESS_LOG",
+        _strict_bool,
+        False,
+        "Truthy: gunicorn writes one access-log line per request to stderr (off: no per-request "
+        "cost).",
+    )
+    metrics: bool = setting(
+        "ETL_METRICS",
+        _strict_bool,
+        True,
+        "Prometheus metrics at `GET /metrics`; false: nothing is recorded and `/metrics` is 404.",
+    )
+    prometheus_multiproc_dir: str = setting(
+        "PROMETHEUS_MULTIPROC_DIR",
+        _existing_dir,
+        "",
+        "prometheus_client's directory for per-worker metric files; unset: the gunicorn master "
+        "creates a private one and removes it at exit.",
+    )
     # --- gunicorn (read by gunicorn.conf.py through etl_wsgi.gunicorn_hooks)
     bind: str = setting(
         "ETL_BIND",
@@ -412,7 +452,8 @@ class Settings:
         "ETL_GRACEFUL_TIMEOUT",
         _positive_int,
         30,
-        "Seconds in-flight requests get to finish after SIGTERM.",
+        "Seconds in-flight requests get to finish after SIGTERM (new connections are refused); "
+        "then they are cut. Keep it at or below the pod's `terminationGracePeriodSeconds`.",
         group="gunicorn",
     )
     keepalive: int = setting(

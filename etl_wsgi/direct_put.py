@@ -21,6 +21,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import LocationParseError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
+from etl_wsgi import metrics
 from etl_wsgi.config import Settings
 from etl_wsgi.const import (
     HEADER_AUTHORIZATION,
@@ -37,6 +38,7 @@ from etl_wsgi.errors import (
     InvalidPipelineError,
     OutboundTLSError,
 )
+from etl_wsgi.metrics import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,8 @@ def deliver(
     replayable: bool,
     logger: logging.Logger = log,
     sleep: Callable[[float], None] = time.sleep,
+    recorder: Recorder = metrics.NULL,
+    obj_path: str = "",
 ) -> DirectPutResult:
     """The one direct-put retry loop (PROTOCOL.md §4.4).
 
@@ -242,31 +246,53 @@ def deliver(
     with backoff ``min(2**n, 30)`` s when the input is ``replayable``; a one-shot input gets no
     local retry and bails with ``503`` + retry reason so the target replays the PUT; exhaustion
     answers ``502``; a refused connection answers ``502`` at once.  Error texts name ``hop``
-    (never ``url``, which holds the per-ETL secret).
+    (never ``url``, which holds the per-ETL secret).  The outcome and every retry are counted in
+    ``recorder`` (:mod:`etl_wsgi.metrics`).
     """
     headers = {HEADER_NODE_URL: remaining} if remaining else {}
     budget = retries if replayable else 0
-    for attempt_no in range(budget + 1):
-        attempt = make_attempt()
-        try:
-            return _send_once(send, url, hop, headers, attempt)
-        except ETLDirectPutTransientError as exc:
-            if attempt_no >= budget:
-                exc.bail_without_local_retry = not replayable
-                raise
-            delay = min(RETRY_BACKOFF_BASE**attempt_no, RETRY_BACKOFF_MAX)
-            logger.warning(
-                "direct put to %s: attempt %d/%d failed, retrying in %.1fs: %s",
-                hop,
-                attempt_no + 1,
-                budget + 1,
-                delay,
-                exc.cause,
-            )
-        finally:
-            attempt.close()
-        sleep(delay)
+    try:
+        for attempt_no in range(budget + 1):
+            attempt = make_attempt()
+            try:
+                result = _send_once(send, url, hop, headers, attempt)
+                recorder.direct_put(_OUTCOMES.get(result.status, "rejected"), result.delivered)
+                return result
+            except ETLDirectPutTransientError as exc:
+                if attempt_no >= budget:
+                    exc.bail_without_local_retry = not replayable
+                    raise
+                delay = min(RETRY_BACKOFF_BASE**attempt_no, RETRY_BACKOFF_MAX)
+                logger.warning(
+                    "%r: direct put to %s: attempt %d/%d failed, retrying in %.1fs: %s",
+                    obj_path,
+                    hop,
+                    attempt_no + 1,
+                    budget + 1,
+                    delay,
+                    exc.cause,
+                    extra={"path": obj_path, "cause": str(exc.cause)},
+                )
+                recorder.direct_put_retry()
+            finally:
+                attempt.close()
+            sleep(delay)
+    except BaseException as exc:
+        recorder.direct_put(_failure_outcome(exc))
+        raise
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+#: Outcome label of a next hop's answer (anything else: ``rejected``).
+_OUTCOMES: dict[int, str] = {HTTPStatus.NO_CONTENT: "delivered", HTTPStatus.OK: "returned"}
+
+
+def _failure_outcome(exc: BaseException) -> str:
+    if isinstance(exc, DirectPutRefusedError):
+        return "refused"
+    if isinstance(exc, ETLDirectPutTransientError):
+        return "bailed" if exc.bail_without_local_retry else "exhausted"
+    return "failed"
 
 
 def _send_once(

@@ -9,6 +9,7 @@ Pure module: imports neither Flask nor requests.
 
 from __future__ import annotations
 
+import errno
 from http import HTTPStatus
 
 from etl_wsgi.const import ETL_RETRY_REASON_DIRECT_PUT_TRANSIENT, HEADER_ETL_RETRY_REASON
@@ -18,6 +19,8 @@ class ETLError(Exception):
     """Base of all errors answered to the caller. ``status``/``headers`` say how."""
 
     status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    #: Set once the failure was logged (:func:`etl_wsgi.handler.log_error`): log it only once.
+    logged: bool = False
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -168,3 +171,19 @@ class ETLDirectPutTransientError(ETLError):
         if self.bail_without_local_retry:
             return {HEADER_ETL_RETRY_REASON: ETL_RETRY_REASON_DIRECT_PUT_TRANSIENT}
         return {}
+
+
+class StreamCut(ETLError, ConnectionResetError):
+    """A streamed reply failed after its status line: the connection must be cut (PROTOCOL.md §5).
+
+    Raised from the reply body with the logged :class:`ETLError` as its cause.  A
+    ``ConnectionResetError`` (``ECONNRESET``) so WSGI servers abort the chunked body and close
+    the connection quietly (gunicorn and Werkzeug treat it as a dropped client) instead of
+    logging the same failure a second time with a traceback.
+    """
+
+    logged = True
+
+    def __init__(self, cause: ETLError) -> None:
+        super().__init__(cause.message, status=cause.status)
+        self.errno = errno.ECONNRESET

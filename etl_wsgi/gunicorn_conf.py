@@ -12,3 +12,5 @@ globals().update(gunicorn_hooks.config_values())
 on_starting = gunicorn_hooks.on_starting
 post_worker_init = gunicorn_hooks.post_worker_init
 when_ready = gunicorn_hooks.when_ready
+child_exit = gunicorn_hooks.child_exit
+on_exit = gunicorn_hooks.on_exit

@@ -1,18 +1,33 @@
 """Process-level side effects for the gunicorn entry point, used by ``gunicorn.conf.py``.
 
 Runs in the gunicorn **master**, before gevent patches the workers: it imports only
-:mod:`etl_wsgi.config` (pure) and the standard library - never ``requests``, Flask or the user's
-class (PROTOCOL.md §9.2 #6 for the open-files limit; STYLE.md "side effects live in hooks").
+:mod:`etl_wsgi.config` (pure), gunicorn's logger and the standard library - never ``requests``,
+Flask, prometheus_client (it imports ``ssl``) or the user's class (PROTOCOL.md §9.2 #6 for the
+open-files limit; STYLE.md "side effects live in hooks").
+
+Logging: one format for every line of the process (``ETL_LOG_FORMAT``: plain text or one JSON
+object per line), gunicorn's own lines included (:class:`GunicornLogger`), the per-ETL secret
+redacted everywhere.  Metrics: the master owns prometheus_client's multiprocess directory
+(:func:`on_starting` creates or wipes it, :func:`child_exit` drops a dead worker's live gauges,
+:func:`on_exit` removes a directory it created).
 """
 
 from __future__ import annotations
 
+import datetime
+import glob
+import json
 import logging
+import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+from gunicorn.glogging import Logger as _GunicornBaseLogger
 
 from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.protocol import redact_secret
@@ -20,6 +35,16 @@ from etl_wsgi.protocol import redact_secret
 log = logging.getLogger("etl_wsgi")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+#: Record attributes a JSON line carries as fields when set (``extra=`` of a log call).
+JSON_FIELDS = ("method", "path", "status", "cause")
+
+#: prometheus_client's live gauge modes (``multiprocess._LIVE_GAUGE_MULTIPROCESS_MODES``).
+LIVE_GAUGE_MODES = ("liveall", "livemin", "livemax", "livesum", "livemostrecent")
+
+#: The multiprocess directory of this server, and whether the master created it.
+_metrics_dir = ""
+_metrics_dir_is_private = False
 
 
 def _settings(require_target: bool, environ: Mapping[str, str] | None = None) -> Settings:
@@ -49,8 +74,10 @@ def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # doubly-escaped etl_fqn), which long names push past the 4094 default.
         "limit_request_line": 8190,
         "loglevel": s.log_level.lower(),
-        "accesslog": None,
+        # None: gunicorn skips building access-log records altogether (no per-request cost).
+        "accesslog": "-" if s.access_log else None,
         "errorlog": "-",
+        "logger_class": "etl_wsgi.gunicorn_hooks.GunicornLogger",
     }
     if s.certfile:  # both or neither: Settings.from_env checked
         values["certfile"] = s.certfile
@@ -91,28 +118,124 @@ class RedactingFormatter(logging.Formatter):
         return redact_secret(super().format(record), self.host_target, self.token)
 
 
-def configure_logging(level: str, host_target: str = "", token: str = "") -> None:
-    """Plain logs to stderr for the library and the transformer's ``self.logger``."""
+class JsonFormatter(RedactingFormatter):
+    """One JSON object per line: ``time level logger pid message``, the request fields of
+    :data:`JSON_FIELDS` when the record has them, ``exc`` with a traceback; secret redacted.
+    """
+
+    def __init__(self, host_target: str, token: str = "") -> None:
+        super().__init__("%(message)s", host_target, token)
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for name in JSON_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        text = json.dumps(entry, default=str)
+        # After encoding: the secret is a URL path segment, which JSON does not escape.
+        return redact_secret(text, self.host_target, self.token)
+
+
+def make_formatter(log_format: str, host_target: str, token: str = "") -> logging.Formatter:
+    """The formatter of ``ETL_LOG_FORMAT`` (``plain`` or ``json``), redacting the secrets."""
+    if log_format == "json":
+        return JsonFormatter(host_target, token)
+    return RedactingFormatter(LOG_FORMAT, host_target, token)
+
+
+def configure_logging(
+    level: str, host_target: str = "", log_format: str = "plain", token: str = ""
+) -> None:
+    """Logs to stderr for the library and the transformer's ``self.logger``.
+
+    Python warnings become log records too (logger ``py.warnings``), in the same format.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(RedactingFormatter(LOG_FORMAT, host_target, token))
+        handler.setFormatter(make_formatter(log_format, host_target, token))
         root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)
+
+
+class GunicornLogger(_GunicornBaseLogger):
+    """gunicorn's logger, its lines in our format (``logger_class`` in :func:`config_values`).
+
+    gunicorn keeps its own handlers on ``gunicorn.error`` / ``gunicorn.access``; they get the
+    same formatter as the application's lines, so a JSON log is JSON throughout.
+    """
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        s = _settings(require_target=False)
+        formatter = make_formatter(s.log_format, s.ais_target_url, s.authn_token)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(formatter)
+
+
+def prepare_metrics_dir(s: Settings) -> str:
+    """The master, before forking: a clean multiprocess directory for prometheus_client.
+
+    Unset ``PROMETHEUS_MULTIPROC_DIR``: a private temporary directory, exported to the workers
+    (they inherit the environment) and removed by :func:`on_exit`.  Set: its ``*.db`` files from
+    a previous run are removed (prometheus_client requires a wiped directory).
+    """
+    global _metrics_dir, _metrics_dir_is_private
+    if not s.metrics:
+        return ""
+    if s.prometheus_multiproc_dir:
+        _metrics_dir, _metrics_dir_is_private = s.prometheus_multiproc_dir, False
+        for stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
+            os.remove(stale)
+    else:
+        _metrics_dir = tempfile.mkdtemp(prefix="etl-wsgi-metrics-")
+        _metrics_dir_is_private = True
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    return _metrics_dir
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Drop a dead worker's live gauges (its in-flight count); its counters stay in the sums.
+
+    Same as ``prometheus_client.multiprocess.mark_process_dead``, which the master cannot import:
+    prometheus_client imports ``ssl``, and workers forked later would inherit it unpatched.
+    """
+    for mode in LIVE_GAUGE_MODES:
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{pid}.db")):
+            os.remove(path)
 
 
 def on_starting(server: Any) -> None:
-    """Master, once: validate every setting (AIS_TARGET_URL included), logging, rlimit."""
+    """Master, once: validate every setting (AIS_TARGET_URL included), logging, rlimit, metrics."""
     s = _settings(require_target=True)
-    configure_logging(s.log_level, s.ais_target_url, s.authn_token)
+    configure_logging(s.log_level, s.ais_target_url, s.log_format, s.authn_token)
     soft, _ = raise_nofile_limit()
+    metrics_dir = prepare_metrics_dir(s)
     log.info(
-        "etl-wsgi: %d gevent worker(s) x %d connections, timeout %ds, keep-alive %ds, nofile %d",
+        "etl-wsgi: %d gevent worker(s) x %d connections, timeout %ds, keep-alive %ds, "
+        "graceful %ds, nofile %d, metrics %s",
         s.workers,
         s.worker_connections,
         s.worker_timeout,
         s.keepalive,
+        s.graceful_timeout,
         soft,
+        metrics_dir or "off",
     )
     log.info(
         "etl-wsgi: ETL_FQN_ROOTS=%s, ETL_ALLOWED_DESTINATIONS=%s, serving %s",
@@ -122,10 +245,29 @@ def on_starting(server: Any) -> None:
     )
 
 
-def post_worker_init(worker: Any) -> None:
-    """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`)."""
-    from etl_wsgi import lifecycle
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, after a worker exited (crash, kill, restart, shutdown): forget its live gauges."""
+    if _metrics_dir:
+        mark_process_dead(worker.pid, _metrics_dir)
 
+
+def on_exit(server: Any) -> None:
+    """Master, last: remove the metrics directory if it created it."""
+    global _metrics_dir
+    if _metrics_dir and _metrics_dir_is_private:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+        _metrics_dir = ""
+
+
+def post_worker_init(worker: Any) -> None:
+    """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`).
+
+    Also builds the worker's metrics now (prometheus_client's import and files), not in the
+    first request.
+    """
+    from etl_wsgi import lifecycle, metrics
+
+    metrics.recorder(_settings(require_target=False))
     lifecycle.start_watcher()
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -3,7 +3,9 @@
 An adapter (the Flask blueprint, later WebSocket) decodes its request into a
 :class:`~etl_wsgi.protocol.ParsedRequest`, calls :func:`handle`, and writes the returned
 :class:`Reply`.  Failures are raised as :class:`~etl_wsgi.errors.ETLError` subclasses; the adapter
-maps them in one place.
+maps them in one place and logs them once with :func:`log_error`.  Metrics are recorded here
+(:mod:`etl_wsgi.metrics`), so every adapter gets them; :func:`health` and :func:`metrics_reply`
+answer the two other routes.
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import IO, TYPE_CHECKING, Any
 
-from etl_wsgi.const import DEFAULT_MIME_TYPE
+from etl_wsgi import metrics
+from etl_wsgi.const import DEFAULT_MIME_TYPE, HEALTH_BODY
 from etl_wsgi.direct_put import Attempt, CountingIterator, DirectPutResult, deliver
-from etl_wsgi.errors import ETLError, TransformError
-from etl_wsgi.protocol import ParsedRequest, Pipeline, compose_direct_put_url, parse_pipeline
+from etl_wsgi.errors import ETLError, StreamCut, TransformError
+from etl_wsgi.metrics import ROUTE_HEALTH, ROUTE_OBJECT, STATUS_ABORTED, Recorder, Track
+from etl_wsgi.protocol import (
+    ParsedRequest,
+    Pipeline,
+    compose_direct_put_url,
+    parse_pipeline,
+    redact_secret,
+)
 from etl_wsgi.sources import FileSource, Source, select_source
 
 if TYPE_CHECKING:
@@ -63,13 +73,57 @@ def checked_pipeline(etl: ETLServer, req: ParsedRequest) -> Pipeline | None:
     return pipeline
 
 
-def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
-    """Transform one object and answer, or deliver it to the next hop (§4)."""
+def handle(etl: ETLServer, req: ParsedRequest, source: Source, route: str = ROUTE_OBJECT) -> Reply:
+    """Transform one object and answer, or deliver it to the next hop (§4).
+
+    Metrics (:mod:`etl_wsgi.metrics`) are recorded here, for every adapter: the request is
+    counted when its reply is known, or, for a streamed body, when the body is closed.
+    """
+    recorder = metrics.recorder(etl.settings)
+    track = recorder.start(req.method, route)
+    try:
+        reply = _handle(etl, req, source, recorder, track)
+    except ETLError as exc:
+        track.finish(exc.status)
+        raise
+    except BaseException:
+        track.finish(HTTPStatus.INTERNAL_SERVER_ERROR)
+        raise
+    if isinstance(reply.body, bytes):  # else the streamed body's close() finishes the track
+        track.finish(reply.status, len(reply.body))
+    return reply
+
+
+def health(etl: ETLServer) -> Reply:
+    """``GET /health`` (PROTOCOL.md §1.1): the readiness probe, counted like any request."""
+    metrics.recorder(etl.settings).request("GET", ROUTE_HEALTH, HTTPStatus.OK)
+    return Reply(HTTPStatus.OK, HEALTH_BODY, content_type="text/plain")
+
+
+def metrics_reply(etl: ETLServer) -> Reply | None:
+    """``GET /metrics``: the Prometheus exposition; ``None`` (answer 404) with metrics off."""
+    scraped = metrics.recorder(etl.settings).exposition()
+    if scraped is None:
+        return None
+    body, content_type = scraped
+    return Reply(HTTPStatus.OK, body, content_type=content_type)
+
+
+def _handle(
+    etl: ETLServer, req: ParsedRequest, source: Source, recorder: Recorder, track: Track
+) -> Reply:
     pipeline = checked_pipeline(etl, req)
     if etl.use_streaming:
         if pipeline is None:
-            return _stream_reply(etl, req, source)
-        return _direct_put(etl, req, pipeline, lambda: _stream_attempt(etl, req, source), source)
+            return _stream_reply(etl, req, source, recorder, track)
+        return _direct_put(
+            etl,
+            req,
+            pipeline,
+            lambda: _stream_attempt(etl, req, source, recorder, track),
+            source,
+            recorder,
+        )
 
     budget = etl.memory_budget
     # Input and output of a buffered transform are both in memory: reserve twice the input.
@@ -79,10 +133,15 @@ def handle(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
         data_in = read_input(etl, source)
         if hint is None:  # size known only now (chunked body, upstream GET)
             held += budget.acquire(2 * len(data_in))
-        data = etl.executor.run(_call_transform, etl, req, data_in)
+        track.bytes_in = len(data_in) if isinstance(data_in, bytes) else hint or 0
+        started = metrics.clock()
+        try:
+            data = etl.executor.run(_call_transform, etl, req, data_in)
+        finally:
+            recorder.transform_time("buffered", metrics.clock() - started)
         if pipeline is None:
             return Reply(HTTPStatus.OK, data, content_type=etl.get_mime_type(), held=held)
-        reply = _direct_put(etl, req, pipeline, lambda: Attempt(data), None)
+        reply = _direct_put(etl, req, pipeline, lambda: Attempt(data), None, recorder)
         return dataclasses.replace(reply, held=held)
     except BaseException:
         budget.release(held)
@@ -127,6 +186,7 @@ def _direct_put(
     pipeline: Pipeline,
     make_attempt: Callable[[], Attempt],
     source: Source | None,
+    recorder: Recorder,
 ) -> Reply:
     url = compose_direct_put_url(pipeline.first, etl.host_target, req.path, req.etl_args)
     result = deliver(
@@ -139,6 +199,8 @@ def _direct_put(
         # buffered output is in memory: always replayable
         replayable=source is None or source.replayable,
         logger=etl.logger,
+        recorder=recorder,
+        obj_path=req.path,
     )
     return reply_from_result(result)
 
@@ -149,45 +211,73 @@ def reply_from_result(result: DirectPutResult) -> Reply:
     return Reply(result.status, result.body, result.headers, content_type)
 
 
-def _stream_attempt(etl: ETLServer, req: ParsedRequest, source: Source) -> Attempt:
+def _stream_attempt(
+    etl: ETLServer, req: ParsedRequest, source: Source, recorder: Recorder, track: Track
+) -> Attempt:
     """Open the input afresh and start ``transform_stream`` on it, counting what it yields."""
     reader = source.open()
     try:
-        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args))
+        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args), recorder)
     except BaseException:
         etl.close_reader(reader)
         raise
-    return Attempt(CountingIterator(output), [output.close, lambda: etl.close_reader(reader)])
+
+    def count_input() -> None:  # the last attempt's input is the object's
+        track.bytes_in = _bytes_read(reader, source)
+
+    return Attempt(
+        CountingIterator(output), [output.close, count_input, lambda: etl.close_reader(reader)]
+    )
 
 
-def _stream_reply(etl: ETLServer, req: ParsedRequest, source: Source) -> Reply:
+def _stream_reply(
+    etl: ETLServer, req: ParsedRequest, source: Source, recorder: Recorder, track: Track
+) -> Reply:
     """Plain streaming reply (PROTOCOL.md §5).
 
     The first chunk is produced *before* the reply is returned, so a transform that fails at once
     gets a proper 500 instead of a truncated 200.  The body is a :class:`ClosingBody`: WSGI calls
-    its ``close()`` on every path, including a client gone before the first chunk.
+    its ``close()`` on every path, including a client gone before the first chunk; that is also
+    where the request is counted, with the bytes actually handed to the server.
     """
     reader = source.open()
     output: Generator[bytes, None, None] | None = None
     try:
-        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args))
+        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args), recorder)
         first = next(output, None)
     except BaseException:
         if output is not None:
             output.close()
         etl.close_reader(reader)
         raise
-    chunks = _after_headers(etl, req, first, output)
-    body = ClosingBody(chunks, [output.close, lambda: etl.close_reader(reader)])
+    progress = _Progress()
+    chunks = _after_headers(etl, req, first, output, progress)
+
+    def count() -> None:
+        track.bytes_in = _bytes_read(reader, source)
+        track.finish(STATUS_ABORTED if progress.failed else HTTPStatus.OK, progress.sent)
+
+    body = ClosingBody(chunks, [output.close, lambda: etl.close_reader(reader), count])
     return Reply(HTTPStatus.OK, body, content_type=etl.get_mime_type())
 
 
-def _guard_stream(output: Iterable[bytes]) -> Generator[bytes, None, None]:
-    """Re-raise failures of the user's stream as :class:`TransformError`.
+def _bytes_read(reader: IO[bytes], source: Source) -> int:
+    """Input bytes the transform read: counted by our readers; a file's size otherwise."""
+    count = getattr(reader, "bytes_read", None)
+    if isinstance(count, int):
+        return count
+    return source.size_hint() or 0
+
+
+def _guard_stream(
+    output: Iterable[bytes], recorder: Recorder = metrics.NULL
+) -> Generator[bytes, None, None]:
+    """Re-raise failures of the user's stream as :class:`TransformError`; time the stream.
 
     Needed because the stream is consumed inside ``requests`` during a direct put: an ``OSError``
     from the transform would otherwise look like a network error and be retried.
     """
+    started = metrics.clock()
     try:
         for chunk in output:
             if not isinstance(chunk, bytes):
@@ -202,36 +292,78 @@ def _guard_stream(output: Iterable[bytes]) -> Generator[bytes, None, None]:
     except Exception as exc:
         raise TransformError(str(exc) or type(exc).__name__) from exc
     finally:
+        recorder.transform_time("streaming", metrics.clock() - started)
         close = getattr(output, "close", None)
         if close is not None:
             close()
 
 
+@dataclass
+class _Progress:
+    """How far a streamed reply got: bytes handed to the server, and whether it was cut."""
+
+    sent: int = 0
+    failed: bool = False
+
+
 def _after_headers(
-    etl: ETLServer, req: ParsedRequest, first: bytes | None, rest: Iterator[bytes]
+    etl: ETLServer,
+    req: ParsedRequest,
+    first: bytes | None,
+    rest: Iterator[bytes],
+    progress: _Progress,
 ) -> Iterator[bytes]:
     """The reply body once the status line is out: a failure now can only cut the connection.
 
-    It is logged here (with the object path) and re-raised, so the server aborts the chunked
-    body instead of terminating it: the target sees a read error, never a short object.
+    It is logged here, once (object path and cause), and re-raised as :class:`StreamCut`, so the
+    server aborts the chunked body instead of terminating it: the target sees a read error, never
+    a short object.  The WSGI servers treat it as a dropped connection and do not log it again;
+    the WebSocket adapter closes with 1011 without logging it again.
     """
-    sent = 0
     try:
         if first is not None:
-            sent += len(first)
+            progress.sent += len(first)
             yield first
         for chunk in rest:
-            sent += len(chunk)
+            progress.sent += len(chunk)
             yield chunk
     except ETLError as exc:
-        etl.logger.error(
-            "%s %r: transform_stream failed after %d bytes were sent; connection cut: %s",
+        progress.failed = True
+        log_error(
+            etl,
             req.method,
             req.path,
-            sent,
-            exc.message,
+            exc,
+            f"transform_stream failed after {progress.sent} bytes were sent; connection cut",
         )
-        raise
+        raise StreamCut(exc) from exc
+
+
+def log_error(
+    etl: ETLServer,
+    method: str,
+    path: str,
+    exc: ETLError,
+    what: str = "",
+    exc_info: BaseException | None = None,
+) -> str:
+    """Log a failed request or task ONCE, with its object path and cause; the redacted message.
+
+    Every adapter's error mapping calls this (and nothing else logs the same failure): the line
+    carries ``path``, ``status`` and ``cause`` as record attributes too, which ``ETL_LOG_FORMAT=
+    json`` emits as fields.  The per-ETL secret of ``AIS_TARGET_URL`` is redacted (PROTOCOL.md §7).
+    """
+    message = redact_secret(exc.message, etl.host_target, etl.settings.authn_token)
+    kind = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
+    cause = f"{message} ({kind})" if kind and not message.startswith(kind) else message
+    level = logging.ERROR if exc.status >= 500 or what else logging.WARNING
+    extra = {"method": method, "path": path, "status": int(exc.status), "cause": cause}
+    outcome = what or f"-> {int(exc.status)}"
+    etl.logger.log(
+        level, "%s %r %s: %s", method, path, outcome, cause, extra=extra, exc_info=exc_info
+    )
+    exc.logged = True
+    return message
 
 
 class ClosingBody:

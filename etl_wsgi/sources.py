@@ -237,6 +237,8 @@ class _DelegatingReader(io.RawIOBase):
     def __init__(self, inner: IO[bytes]) -> None:
         super().__init__()
         self._inner = inner
+        #: Bytes handed to the reader's user (the ``etl_received_bytes`` metric).
+        self.bytes_read = 0
 
     def readable(self) -> bool:
         return True
@@ -244,9 +246,9 @@ class _DelegatingReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from closed reader")
-        if size is None or size < 0:
-            return self._inner.read()
-        return self._inner.read(size)
+        data = self._inner.read() if size is None or size < 0 else self._inner.read(size)
+        self.bytes_read += len(data)
+        return data
 
     def readall(self) -> bytes:
         return self.read()

@@ -22,7 +22,7 @@ PACKAGE_CONFIG = "python:etl_wsgi.gunicorn_conf"
 
 #: Variables the server reads; not inherited from the caller's environment unless given.
 _OWN_PREFIXES = ("ETL_", "AIS_")
-_OWN_NAMES = ("NUM_WORKERS", "DIRECT_PUT", "direct_put")
+_OWN_NAMES = ("NUM_WORKERS", "DIRECT_PUT", "direct_put", "PROMETHEUS_MULTIPROC_DIR")
 
 
 class GunicornServer:

@@ -51,7 +51,8 @@ from wsproto.frame_protocol import CloseReason
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
 from etl_wsgi.errors import BadRequestError, ETLError
-from etl_wsgi.handler import Reply, checked_pipeline, handle
+from etl_wsgi.handler import Reply, checked_pipeline, handle, log_error
+from etl_wsgi.metrics import ROUTE_WS
 from etl_wsgi.protocol import ParsedRequest, redact_secret
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
@@ -230,8 +231,12 @@ class WebSocketSession:
 
     def run(self) -> None:
         reader = threading.Thread(target=self._read_loop, name="ws-reader", daemon=True)
-        reader.start()
+        # Registered before the reader starts: starting a thread yields to the event loop, where
+        # a stop notification may run; one that came earlier is caught by stopping().
         _SESSIONS.add(self)
+        reader.start()
+        if lifecycle.stopping():
+            self.going_away()
         try:
             self._work_loop()
         finally:
@@ -264,7 +269,11 @@ class WebSocketSession:
     def going_away(self) -> None:
         """The worker is stopping: close now if idle (1001), else after the task in flight."""
         self._going_away = True
-        if self._idle():
+        self._close_if_going_away()
+
+    def _close_if_going_away(self) -> None:
+        """Close with 1001 if stopping and idle: checked on stop, after a task, at a boundary."""
+        if self._going_away and self._idle():
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _idle(self) -> bool:
@@ -281,22 +290,18 @@ class WebSocketSession:
             self._busy = True
             try:
                 self._process(task)
-            except ETLError as exc:
-                self._fail(task, exc.message, exc)
-                return
             except WebSocketClosed:
                 return
             except Exception as exc:
-                self._fail(task, f"{type(exc).__name__}: {exc}", exc)
+                self._fail(task, exc)
                 return
             finally:
                 self._busy = False
                 task.close(self.etl)
-            if self._going_away and self._idle():
-                self.close(CloseReason.GOING_AWAY, "server shutting down")
+            self._close_if_going_away()
 
     def _process(self, task: Task) -> None:
-        reply = handle(self.etl, task.req, task.source)
+        reply = handle(self.etl, task.req, task.source, ROUTE_WS)
         try:
             self._reply(task, reply)
         finally:
@@ -336,21 +341,35 @@ class WebSocketSession:
             if close is not None:
                 close()
 
-    def _fail(self, task: Task, message: str, exc: BaseException) -> None:
-        message = redact_secret(message, self.etl.host_target, self.etl.settings.authn_token)
-        self.etl.logger.error(
-            "ws %r: closing connection with 1011: %s", task.req.path, message, exc_info=exc
-        )
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        """Close with 1011; the failure is logged once (a cut stream was logged already)."""
+        if isinstance(exc, ETLError):
+            error, trace = exc, None
+        else:
+            error, trace = ETLError(f"{type(exc).__name__}: {exc}"), exc
+            error.__cause__ = exc
+        if error.logged:
+            message = redact_secret(
+                error.message, self.etl.host_target, self.etl.settings.authn_token
+            )
+        else:
+            message = log_error(
+                self.etl, "ws", task.req.path, error, "closing connection with 1011", trace
+            )
         self.close(CloseReason.INTERNAL_ERROR, message)
 
     # the reader: tasks in, bounded
     def _read_loop(self) -> None:
         stream: ChunkQueueReader | None = None
+        path = ""  # of the task being read, once its control message is parsed
         try:
             events = self._events()
             while True:
                 self._at_boundary = True
+                self._close_if_going_away()
+                path = ""
                 req = _parse_control(self._read_message(events, CONTROL_LIMIT))
+                path = req.path
                 # a bad or disallowed pipeline fails before the data message is read (§4.1)
                 checked_pipeline(self.etl, req)
                 if req.fqn:
@@ -372,7 +391,12 @@ class WebSocketSession:
                 stream.chunks.put(WebSocketClosed(str(exc)))
             # ETLError.message, as on the worker's path: "Invalid pipeline header: ..." (§10 #12)
             message = exc.message if isinstance(exc, ETLError) else str(exc)
-            log.error("ws: reading tasks failed: %s", message)
+            log.error(
+                "ws %r: reading the task failed: %s",
+                path,
+                message,
+                extra={"path": path, "cause": message},
+            )
             code = exc.code if isinstance(exc, _TooBig) else CloseReason.INTERNAL_ERROR
             self.close(code, f"bad task: {message}")
         finally:

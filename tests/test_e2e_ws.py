@@ -598,11 +598,15 @@ def test_sigterm_closes_idle_connection_with_1001_and_worker_exits(serve):
 
 
 def test_sigterm_lets_the_task_in_flight_finish_then_1001(serve, tmp_path):
-    """SIGTERM during a transform: its reply still arrives, then the connection closes with 1001."""
+    """SIGTERM during a transform: its reply still arrives, then the connection closes with 1001.
+
+    The signal is sent once the transform has started (a task still unread in the socket when
+    the worker stops is not in flight: the session may close before reading it).
+    """
     server = serve("transformers:MarkedSleep")
     with ws_connect(server) as ws:
         send_task(ws, {"path": "a", "etl_args": f"{tmp_path},0.3"}, b"slow")
-        wait_for_file(tmp_path / "started")  # the transform runs: SIGTERM lands mid-task
+        wait_for_file(tmp_path / "started")
         server.proc.send_signal(15)
         assert recv(ws) == (OP_BINARY, b"SLOW")
         assert expect_close(ws) == (1001, "server shutting down")

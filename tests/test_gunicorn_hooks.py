@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -9,15 +10,24 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from etl_wsgi import gunicorn_hooks
+from etl_wsgi.config import Settings
 from etl_wsgi.gunicorn_hooks import (
     LOG_FORMAT,
+    GunicornLogger,
+    JsonFormatter,
+    RedactingFormatter,
+    child_exit,
     config_values,
     configure_logging,
+    make_formatter,
+    on_exit,
     on_starting,
+    prepare_metrics_dir,
     raise_nofile_limit,
     when_ready,
 )
@@ -34,7 +44,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.fixture
 def restore_process_state() -> Iterator[None]:
-    """on_starting changes the root log level and RLIMIT_NOFILE: put both back."""
+    """on_starting changes the root log level, RLIMIT_NOFILE and warnings capture: put back."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -42,6 +52,7 @@ def restore_process_state() -> Iterator[None]:
     root.setLevel(level)
     root.handlers[:] = handlers
     resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    logging.captureWarnings(False)
 
 
 # --- config_values ---------------------------------------------------------------------------
@@ -131,11 +142,121 @@ def test_on_starting_configures_the_process(clean_env, restore_process_state, ca
     clean_env.setenv("ETL_WORKERS", "3")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # on_starting exports one: restored
     with caplog.at_level(logging.INFO, logger="etl_wsgi"):
         on_starting(None)
+    on_exit(None)
     assert logging.getLogger().level == logging.WARNING
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     assert "3 gevent worker(s) x 1000 connections" in caplog.text
+    assert "metrics /" in caplog.text
+
+
+# --- metrics directory (prometheus_client multiprocess mode) -----------------------------------
+
+
+def test_private_metrics_dir_is_exported_then_removed(clean_env) -> None:
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # restored at teardown
+    directory = prepare_metrics_dir(Settings.from_env(require_target=False))
+    assert os.path.isdir(directory)
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == directory  # the workers inherit it
+    on_exit(None)
+    assert not os.path.exists(directory)
+
+
+def test_given_metrics_dir_is_wiped_of_stale_files_and_kept(clean_env, tmp_path: Path) -> None:
+    (tmp_path / "counter_1.db").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("not ours")
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert prepare_metrics_dir(Settings.from_env(require_target=False)) == str(tmp_path)
+    on_exit(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_metrics_off_leaves_the_dir_alone(clean_env, tmp_path: Path) -> None:
+    (tmp_path / "counter_1.db").write_bytes(b"old")
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    clean_env.setenv("ETL_METRICS", "off")
+    assert prepare_metrics_dir(Settings.from_env(require_target=False)) == ""
+    child_exit(None, SimpleNamespace(pid=1))
+    assert (tmp_path / "counter_1.db").exists()
+
+
+def test_child_exit_drops_only_the_dead_workers_live_gauges(clean_env, tmp_path: Path) -> None:
+    names = ["gauge_livesum_123.db", "gauge_livesum_1234.db", "counter_123.db", "gauge_all_123.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    prepare_metrics_dir(Settings.from_env(require_target=False))  # wipes: create them again
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    child_exit(None, SimpleNamespace(pid=123))
+    on_exit(None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+# --- log format ------------------------------------------------------------------------------
+
+
+def test_json_formatter_fields_and_redaction() -> None:
+    formatter = make_formatter("json", TARGET_URL)
+    secret = TARGET_URL.rsplit("/", 1)[1]
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1, "GET %s failed", (TARGET_URL,), None
+    )
+    record.path, record.cause, record.status = "b/o", f"no route to {TARGET_URL}", 502
+    try:
+        raise ValueError(f"inner {secret}")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = formatter.format(record)
+    assert "\n" not in line  # one line per record, the traceback included
+    entry = json.loads(line)
+    assert secret not in line
+    assert entry["message"] == f"GET {TARGET_URL.replace(secret, '***')} failed"
+    assert (entry["level"], entry["logger"], entry["path"], entry["status"]) == (
+        "ERROR",
+        "x",
+        "b/o",
+        502,
+    )
+    assert entry["cause"].endswith("/***")
+    assert "ValueError: inner ***" in entry["exc"]
+    assert entry["pid"] == os.getpid()
+
+
+def test_plain_formatter_is_the_redacting_one() -> None:
+    formatter = make_formatter("plain", TARGET_URL)
+    assert isinstance(formatter, RedactingFormatter)
+    assert formatter._fmt == LOG_FORMAT
+
+
+def test_gunicorn_logger_uses_our_format(clean_env) -> None:
+    from gunicorn.config import Config
+
+    clean_env.setenv("ETL_LOG_FORMAT", "json")
+    cfg = Config()
+    cfg.set("errorlog", "-")
+    cfg.set("accesslog", "-")
+    error_log, access_log = (
+        logging.getLogger("gunicorn.error"),
+        logging.getLogger("gunicorn.access"),
+    )
+    saved = (list(error_log.handlers), list(access_log.handlers))
+    try:
+        logger = GunicornLogger(cfg)
+        handlers = logger.error_log.handlers + logger.access_log.handlers
+        assert handlers
+        assert all(isinstance(h.formatter, JsonFormatter) for h in handlers)
+    finally:
+        error_log.handlers[:], access_log.handlers[:] = saved
+
+
+def test_access_log_is_off_unless_asked(clean_env) -> None:
+    assert config_values()["accesslog"] is None
+    clean_env.setenv("ETL_ACCESS_LOG", "1")
+    assert config_values()["accesslog"] == "-"
+    assert config_values()["logger_class"] == "etl_wsgi.gunicorn_hooks.GunicornLogger"
 
 
 def test_when_ready_warns_if_requests_is_in_the_master(caplog) -> None:

@@ -6,6 +6,7 @@ errors raised here is tested through Flask in tests/test_blueprint.py.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from etl_wsgi.errors import (
     ETLError,
     InvalidPipelineError,
     ObjectNotFoundError,
+    StreamCut,
     TransformError,
     UpstreamStatusError,
 )
@@ -234,12 +236,17 @@ def test_streaming_failure_after_first_chunk_cuts_the_body(recording, obj, caplo
     assert next(chunks) == b"HELL"
     with (
         caplog.at_level(logging.ERROR, logger=type(etl).__name__),
-        pytest.raises(TransformError, match="disk gone"),
+        pytest.raises(StreamCut, match="disk gone") as cut,
     ):
         next(chunks)
     reply.body.close()  # type: ignore[union-attr]
     assert etl.readers[0].closed
     assert "failed after 4 bytes were sent" in caplog.text
+    # the server sees a dropped connection (no second log line), the cause stays attached
+    assert isinstance(cut.value, ConnectionResetError)
+    assert cut.value.errno == errno.ECONNRESET
+    assert isinstance(cut.value.__cause__, TransformError)
+    assert [r.path for r in caplog.records] == ["src/a.txt"]  # type: ignore[attr-defined]
 
 
 def test_streaming_yielding_str_is_a_transform_error(recording, obj) -> None:

@@ -175,3 +175,52 @@ class MarkedSleep(ETLServer):
         _write_marker(directory, "started", "1")
         time.sleep(float(seconds))
         return _read(data).upper()
+
+
+# ---- gated probes (tests/test_metrics.py, tests/test_shutdown.py, tests/test_logging.py) ------
+
+
+def _wait_for_release(directory, seconds=60):
+    """Poll (cooperatively under gevent, bounded) until the test creates ``directory/release``."""
+    import os
+    import time
+
+    release = os.path.join(directory, "release")
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
+
+
+class Gate(ETLServer):
+    """Buffered: replies ``<worker pid>:`` + the upper-cased input.
+
+    With ``etl_args`` = a directory the test owns, it first creates ``started-<path>`` (``/``
+    replaced by ``_``) holding the worker's pid, then waits for ``release`` (bounded, 60 s):
+    the test decides when the request may finish.
+    """
+
+    def transform(self, data, path, etl_args):
+        import os
+
+        if etl_args:
+            _write_marker(etl_args, "started-" + path.replace("/", "_"), str(os.getpid()))
+            _wait_for_release(etl_args)
+        return f"{os.getpid()}:".encode() + _read(data).upper()
+
+
+class GateStream(ETLServer):
+    """Streaming: yields the upper-cased input at once, then (once that chunk is out) creates
+    ``<etl_args>/started-<path>``, waits for ``<etl_args>/release`` and yields 16 chunks of
+    64 KiB of ``F``.
+    """
+
+    def transform_stream(self, reader, path, etl_args):
+        import os
+
+        yield reader.read().upper()
+        _write_marker(etl_args, "started-" + path.replace("/", "_"), str(os.getpid()))
+        _wait_for_release(etl_args)
+        for _ in range(16):
+            yield b"F" * 65536

@@ -26,7 +26,7 @@ DST = "http://10.0.0.2:9080/ais%2F@%23%2Fdst%2Fa.txt?owt=3&uuid=XID1"
 FQN_Q = "%252Fmp1%252F%40ais%252Fsrc%252F%2525ob%252Fhello.txt"
 FQN_J = "%2Fmp1%2F@ais%2Fsrc%2F%25ob%2Fhello.txt"
 
-_SETTING_NAMES = ("NUM_WORKERS", "DIRECT_PUT", "direct_put")
+_SETTING_NAMES = ("NUM_WORKERS", "DIRECT_PUT", "direct_put", "PROMETHEUS_MULTIPROC_DIR")
 
 
 def path_escape(fs_path: str | os.PathLike[str]) -> str:

@@ -1,0 +1,227 @@
+"""Prometheus metrics, recorded by the framework-free flow, served at ``GET /metrics``.
+
+Adapter-agnostic: :mod:`etl_wsgi.handler` (every HTTP request and every WebSocket task goes
+through ``handle``), :func:`etl_wsgi.direct_put.deliver` and the streaming body's ``close()``
+record; an adapter only serves :meth:`Recorder.exposition`.  With ``ETL_METRICS`` off the
+recorder is :data:`NULL`: nothing is recorded and the adapter answers ``/metrics`` with 404.
+
+Several gunicorn workers: prometheus_client's multiprocess mode.  Each worker writes its values
+to mmap'ed files in ``PROMETHEUS_MULTIPROC_DIR`` (the gunicorn master creates a private one when
+unset, :mod:`etl_wsgi.gunicorn_hooks`); a scrape, answered by any worker, sums every file.
+Counters of a dead worker stay in the sum (nothing is lost on a restart); its in-flight gauge
+files are removed by the master's ``child_exit`` hook (``livesum`` counts live processes only).
+
+prometheus_client is imported lazily, on the first record in a worker: it reads
+``PROMETHEUS_MULTIPROC_DIR`` at import, and it imports ``ssl``, which must not be loaded in the
+gunicorn master before gevent patches the workers.
+
+Cost per request: a few counter increments and one histogram observation; labels are bounded
+(``route`` is the route template - ``/<path>``, ``/ws``, ``/health`` - never the object name).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from etl_wsgi.config import Settings
+
+#: Route labels (templates, so the label set stays small).
+ROUTE_OBJECT = "/<path>"
+ROUTE_WS = "/ws"
+ROUTE_HEALTH = "/health"
+
+#: ``status`` label of a streamed reply cut after its status line (the client saw 200 + a cut).
+STATUS_ABORTED = "aborted"
+
+#: Transform latency buckets (seconds): sub-millisecond transforms up to a minute-long object.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Track:
+    """One request in flight: :meth:`finish` (once) counts it and leaves the in-flight gauge."""
+
+    __slots__ = ("_done", "_recorder", "bytes_in", "method", "route")
+
+    def __init__(self, recorder: Recorder | None, method: str, route: str) -> None:
+        self._recorder = recorder
+        self.method = method
+        self.route = route
+        #: Input bytes of the object, set by the flow once known.
+        self.bytes_in = 0
+        self._done = recorder is None
+
+    def finish(self, status: int | str, bytes_out: int = 0) -> None:
+        if self._done:
+            return
+        self._done = True
+        assert self._recorder is not None
+        self._recorder.finished(self, _label(status), bytes_out)
+
+
+_NULL_TRACK = Track(None, "", "")
+
+
+def _label(status: int | str) -> str:
+    """``"200"``: ``str(HTTPStatus.OK)`` is ``"HTTPStatus.OK"`` on Python 3.10."""
+    return status if isinstance(status, str) else str(int(status))
+
+
+class Recorder:
+    """The process's metrics; one instance per process (:func:`recorder`)."""
+
+    enabled = True
+
+    def __init__(self, multiproc_dir: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiproc_dir = multiproc_dir
+        # A private registry: nothing leaks into prometheus_client's global one (a host app may
+        # have its own), and a multiprocess scrape builds a fresh one from the files instead.
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "etl_requests",
+            "Requests (HTTP) and WebSocket tasks answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=reg,
+        )
+        self.bytes_in = Counter(
+            "etl_received_bytes",
+            "Object input bytes: request body, upstream GET, FQN file or WebSocket data message.",
+            ["route"],
+            registry=reg,
+        )
+        self.bytes_out = Counter(
+            "etl_sent_bytes",
+            "Reply body bytes handed to the server (streamed replies counted as they are sent).",
+            ["route"],
+            registry=reg,
+        )
+        self.transform_seconds = Histogram(
+            "etl_transform_duration_seconds",
+            "Time in the user's transform: the transform() call, or a transform_stream() "
+            "generator from its first to its last chunk.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.direct_puts = Counter(
+            "etl_direct_put",
+            "Direct puts to the next hop, by outcome (delivered, returned, rejected, refused, "
+            "exhausted, bailed, failed).",
+            ["outcome"],
+            registry=reg,
+        )
+        self.direct_put_bytes = Counter(
+            "etl_direct_put_sent_bytes",
+            "Bytes of successful direct puts (what the next hop accepted).",
+            registry=reg,
+        )
+        self.direct_put_retries = Counter(
+            "etl_direct_put_retries",
+            "Local retries of direct puts after a transient network error.",
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "etl_requests_in_flight",
+            "Requests and WebSocket tasks being processed (summed over live workers).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+
+    def start(self, method: str, route: str) -> Track:
+        self.in_flight.inc()
+        return Track(self, method, route)
+
+    def finished(self, track: Track, status: str, bytes_out: int) -> None:
+        self.in_flight.dec()
+        self.requests.labels(track.method, track.route, status).inc()
+        if track.bytes_in:
+            self.bytes_in.labels(track.route).inc(track.bytes_in)
+        if bytes_out:
+            self.bytes_out.labels(track.route).inc(bytes_out)
+
+    def request(self, method: str, route: str, status: int) -> None:
+        """A request answered at once, with no body worth counting (``/health``)."""
+        self.requests.labels(method, route, _label(status)).inc()
+
+    def transform_time(self, mode: str, seconds: float) -> None:
+        self.transform_seconds.labels(mode).observe(seconds)
+
+    def direct_put(self, outcome: str, sent: int = 0) -> None:
+        self.direct_puts.labels(outcome).inc()
+        if sent:
+            self.direct_put_bytes.inc(sent)
+
+    def direct_put_retry(self) -> None:
+        self.direct_put_retries.inc()
+
+    def exposition(self) -> tuple[bytes, str] | None:
+        """``(body, content type)`` of a scrape: every worker's values in multiprocess mode."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        registry = self.registry
+        if self.multiproc_dir:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiproc_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class NullRecorder(Recorder):
+    """``ETL_METRICS`` off: records nothing, serves nothing, never imports prometheus_client."""
+
+    enabled = False
+
+    def __init__(self) -> None:
+        self.multiproc_dir = ""
+
+    def start(self, method: str, route: str) -> Track:
+        return _NULL_TRACK
+
+    def request(self, method: str, route: str, status: int) -> None:
+        pass
+
+    def transform_time(self, mode: str, seconds: float) -> None:
+        pass
+
+    def direct_put(self, outcome: str, sent: int = 0) -> None:
+        pass
+
+    def direct_put_retry(self) -> None:
+        pass
+
+    def exposition(self) -> tuple[bytes, str] | None:
+        return None
+
+
+NULL = NullRecorder()
+
+_lock = threading.Lock()
+_recorder: Recorder | None = None
+
+
+def recorder(settings: Settings) -> Recorder:
+    """The process's recorder, or :data:`NULL` when ``ETL_METRICS`` is off."""
+    if not settings.metrics:
+        return NULL
+    if _recorder is None:
+        return _create(settings.prometheus_multiproc_dir)
+    return _recorder
+
+
+def _create(multiproc_dir: str) -> Recorder:
+    global _recorder
+    with _lock:
+        if _recorder is None:
+            _recorder = Recorder(multiproc_dir)
+        return _recorder
+
+
+def clock() -> float:
+    """Monotonic seconds for latencies."""
+    return time.perf_counter()
