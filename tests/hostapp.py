@@ -65,6 +65,7 @@ def make_soak_app(module: str = "transformers") -> Flask:
     package): the worker's pid and the number of greenlet objects alive after a collection.
     """
     import greenlet
+    from gevent.monkey import get_original
 
     app = _host_app(health=True)
     ETLExtension(app, etl=f"{module}:Upper", url_prefix="/b")
@@ -74,6 +75,9 @@ def make_soak_app(module: str = "transformers") -> Flask:
     def greenlets():
         gc.collect()
         alive = sum(isinstance(o, greenlet.greenlet) for o in gc.get_objects())
+        # Hold this worker's event loop a moment (the unpatched sleep): probes sent at the same
+        # time are accepted by the other workers (the kernel need not spread sequential ones).
+        get_original("time", "sleep")(0.05)
         return jsonify(pid=os.getpid(), greenlets=alive)
 
     return app

@@ -24,6 +24,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import TESTS, GunicornServer
@@ -51,16 +52,25 @@ def vm_rss_kib(pid: int) -> int:
 
 
 def greenlets(server: GunicornServer) -> dict[int, int]:
-    """Greenlet count per worker, asking on fresh connections until every worker answered."""
+    """Greenlet count per worker: rounds of concurrent probes until every worker answered.
+
+    Sequential probes may all land on one worker; a probe holds its worker's loop for 50 ms,
+    so probes sent together spread over the workers.
+    """
     pids = set(server.worker_pids())
     counts: dict[int, int] = {}
-    for _ in range(200):  # bounded: each connection lands on one worker at random
+
+    def probe(_: int) -> dict:
         status, _, body = request(server, "GET", "/debug/greenlets")
         assert status == 200
-        doc = json.loads(body)
-        counts[doc["pid"]] = doc["greenlets"]
-        if set(counts) >= pids:
-            return counts
+        return json.loads(body)
+
+    with ThreadPoolExecutor(max_workers=2 * len(pids)) as pool:
+        for _ in range(20):  # bounded rounds
+            for doc in pool.map(probe, range(2 * len(pids))):
+                counts.setdefault(doc["pid"], doc["greenlets"])
+            if set(counts) >= pids:
+                return counts
     raise AssertionError(f"workers {pids - set(counts)} never answered /debug/greenlets")
 
 
