@@ -99,14 +99,21 @@ def metrics_response(etl: ETLServer) -> Response:
 
 
 def to_response(reply: Reply) -> Response:
-    """A :class:`Reply` as a Flask response; an iterable body streams (chunked, §2.7)."""
-    return Response(
+    """A :class:`Reply` as a Flask response; an iterable body streams (chunked, §2.7).
+
+    No ``content_type`` (a direct put's ``204``, §4.3), no ``Content-Type``: not Flask's
+    default ``text/html``.
+    """
+    response = Response(
         reply.body,
         status=reply.status,
         headers=dict(reply.headers),
         content_type=reply.content_type,
         direct_passthrough=not isinstance(reply.body, bytes),
     )
+    if reply.content_type is None:
+        del response.headers["Content-Type"]
+    return response
 
 
 class _SocketTakenOver(Response):

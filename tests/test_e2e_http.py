@@ -126,6 +126,7 @@ def assert_delivered(wire: Wire, length: int) -> None:
     assert wire.body == b""
     assert wire.headers.get("Ais-Direct-Put-Length") == str(length)
     assert wire.headers.get("Ais-Etl-Retry-Reason") is None
+    assert wire.headers.get("Content-Type") is None  # nothing to type
 
 
 def gaps(recs: list[Recorded]) -> list[float]:
