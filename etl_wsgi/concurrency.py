@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,13 +43,54 @@ def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
         return False, exc
 
 
+class FairSlots:
+    """At most ``n`` holders; waiters served strictly in arrival order.
+
+    A released slot goes straight to the oldest waiter: a newcomer cannot take it first.
+    gevent's own semaphores let newcomers barge in (a free slot is grabbed before the woken
+    waiter runs), so under load some greenlets waited 100 ms and more for the thread pool
+    while others never waited at all.  Used from one thread (the worker's event loop).
+    """
+
+    def __init__(self, n: int, event: Callable[[], Any] = threading.Event) -> None:
+        self.free = n
+        self._event = event  # threading.Event: gevent's in a patched worker
+        self._waiters: deque[Any] = deque()
+
+    def acquire(self) -> None:
+        if self.free and not self._waiters:
+            self.free -= 1
+            return
+        handed = self._event()
+        self._waiters.append(handed)
+        try:
+            handed.wait()
+        except BaseException:  # killed while waiting: give up the place, or the slot
+            if handed.is_set():
+                self.release()
+            else:
+                self._waiters.remove(handed)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot changes hands, never becomes free
+        else:
+            self.free += 1
+
+
 class Executor:
-    """Runs blocking calls in the hub's thread pool (``thread``) or inline."""
+    """Runs blocking calls in a pool of OS threads (``thread``) or inline.
+
+    Offloading uses a gevent ``ThreadPool`` of our own (the hub's also serves DNS lookups),
+    entered through :class:`FairSlots`, so hand-offs start in arrival order.
+    """
 
     def __init__(self, mode: str, threads: int) -> None:
         self.mode = mode
         self.threads = threads
         self._pool: Any = None
+        self._slots = FairSlots(threads)
         self._lock = threading.Lock()
 
     @property
@@ -64,7 +106,12 @@ class Executor:
         """
         if not self.offloads:
             return fn(*args)
-        ok, value = self._get_pool().apply(_capture, (fn, args))
+        pool = self._get_pool()
+        self._slots.acquire()
+        try:
+            ok, value = pool.apply(_capture, (fn, args))
+        finally:
+            self._slots.release()
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
@@ -73,11 +120,9 @@ class Executor:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    import gevent
+                    from gevent.threadpool import ThreadPool
 
-                    pool = gevent.get_hub().threadpool
-                    pool.maxsize = self.threads
-                    self._pool = pool
+                    self._pool = ThreadPool(self.threads)
         return self._pool
 
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import threading
 import time
 
+import gevent
 import pytest
+from gevent.event import Event as GreenEvent
 
-from etl_wsgi.concurrency import Executor, MemoryBudget, MemoryBudgetExceeded, gevent_active
+from etl_wsgi.concurrency import (
+    Executor,
+    FairSlots,
+    MemoryBudget,
+    MemoryBudgetExceeded,
+    gevent_active,
+)
 from etl_wsgi.config import ConfigError, Settings
 
 TARGET = {"AIS_TARGET_URL": "http://127.0.0.1:9/v1/etl/_object/x/s3cr3tABCD"}
@@ -124,3 +132,41 @@ def test_pool_maxsize_follows_worker_connections() -> None:
     assert s.outbound_pool_size == 256
     s = Settings.from_env({**TARGET, "ETL_WORKER_CONNECTIONS": "256", "ETL_POOL_MAXSIZE": "32"})
     assert s.outbound_pool_size == 32
+
+
+# --- FairSlots: hand-offs to the thread pool in arrival order -----------------------------------
+
+
+def test_fair_slots_hand_a_released_slot_to_the_oldest_waiter() -> None:
+    """A newcomer acquiring right after a release queues: it does not barge in.
+
+    (gevent's Semaphore gives this order as ["newcomer", "b", "c"].)
+    """
+    slots = FairSlots(1, event=GreenEvent)
+    order: list[str] = []
+
+    def waiter(name: str) -> None:
+        slots.acquire()
+        order.append(name)
+        slots.release()
+
+    slots.acquire()
+    waiters = [gevent.spawn(waiter, name) for name in "bc"]
+    gevent.sleep(0)  # b and c wait, in that order
+    slots.release()
+    slots.acquire()  # no yield since the release: a newcomer
+    order.append("newcomer")
+    slots.release()
+    gevent.joinall(waiters, timeout=5)
+    assert order == ["b", "c", "newcomer"]
+    assert slots.free == 1
+
+
+def test_fair_slots_a_killed_waiter_leaves_the_queue() -> None:
+    slots = FairSlots(1, event=GreenEvent)
+    slots.acquire()
+    waiter = gevent.spawn(slots.acquire)
+    gevent.sleep(0)
+    waiter.kill(block=True, timeout=5)
+    slots.release()
+    assert slots.free == 1  # nobody was waiting any more: the slot is free again
