@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -140,40 +139,75 @@ class MemoryBudget:
     """A weighted semaphore over bytes of buffered input held by one worker.
 
     A request larger than the whole budget is admitted alone (when nothing else is held), so
-    it can never wait forever; everything else waits in arrival order for room.
+    it can never wait forever; everything else waits in strict arrival order: freed room goes
+    to the oldest waiter first, and a newcomer queues behind waiters even if it would fit (a
+    free-for-all let 16 MiB requests wait 6x the median at 256 connections).
     """
 
     def __init__(self, limit: int, wait_seconds: float) -> None:
         self.limit = limit
         self.wait_seconds = wait_seconds
         self.held = 0
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiters: deque[_BudgetWaiter] = deque()
 
     def acquire(self, size: int) -> int:
         """Reserve ``size`` bytes (waiting up to ``wait_seconds``); returns what to release."""
         size = max(0, size)
         if size == 0:
             return 0
-        deadline = time.monotonic() + self.wait_seconds
-        with self._cond:
-            while not self._fits(size):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    if self._fits(size):
-                        break
-                    raise MemoryBudgetExceeded(
-                        f"worker memory budget exhausted: {self.held} of {self.limit} bytes held, "
-                        f"{size} more needed; retry later"
-                    )
-            self.held += size
-        return size
+        with self._lock:
+            if not self._waiters and self._fits(size):
+                self.held += size
+                return size
+            waiter = _BudgetWaiter(size)
+            self._waiters.append(waiter)
+        try:
+            if waiter.admitted.wait(self.wait_seconds):
+                return size
+        except BaseException:  # killed while waiting
+            self._leave(waiter)
+            raise
+        with self._lock:
+            if waiter.admitted.is_set():  # admitted right at the deadline
+                return size
+            self._waiters.remove(waiter)
+            self._admit()  # it may have been the head holding back smaller ones
+            held = self.held
+        raise MemoryBudgetExceeded(
+            f"worker memory budget exhausted: {held} of {self.limit} bytes held, "
+            f"{size} more needed; retry later"
+        )
 
     def release(self, size: int) -> None:
         if size <= 0:
             return
-        with self._cond:
+        with self._lock:
             self.held -= size
-            self._cond.notify_all()
+            self._admit()
+
+    def _leave(self, waiter: _BudgetWaiter) -> None:
+        with self._lock:
+            if waiter.admitted.is_set():
+                self.held -= waiter.size
+            else:
+                self._waiters.remove(waiter)
+            self._admit()
+
+    def _admit(self) -> None:
+        """Hand freed room to waiters, oldest first (lock held)."""
+        while self._waiters and self._fits(self._waiters[0].size):
+            waiter = self._waiters.popleft()
+            self.held += waiter.size
+            waiter.admitted.set()
 
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
+
+
+class _BudgetWaiter:
+    __slots__ = ("admitted", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.admitted = threading.Event()

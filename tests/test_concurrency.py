@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import gevent
 import pytest
@@ -89,6 +90,47 @@ def test_budget_waiter_is_admitted_when_room_frees() -> None:
     assert admitted.wait(5)
     thread.join(5)
     assert budget.held == 50
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (bounded): a thread has reached the point we wait for."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def test_budget_admits_in_arrival_order_a_newcomer_does_not_overtake() -> None:
+    budget = MemoryBudget(100, wait_seconds=5)
+    budget.acquire(90)
+    admitted: list[str] = []
+
+    def waiter(name: str, size: int) -> None:
+        budget.acquire(size)
+        admitted.append(name)
+
+    big = threading.Thread(target=waiter, args=("big", 50))
+    big.start()
+    _wait_until(lambda: len(budget._waiters) == 1)
+    small = threading.Thread(target=waiter, args=("small", 5))  # would fit: 90 + 5 <= 100
+    small.start()
+    _wait_until(lambda: len(budget._waiters) == 2)  # ...but queues behind "big"
+    assert admitted == []
+    budget.release(90)
+    big.join(5)
+    small.join(5)
+    assert admitted == ["big", "small"]
+    assert budget.held == 55
+
+
+def test_budget_a_waiter_timing_out_at_the_head_lets_the_next_in() -> None:
+    budget = MemoryBudget(100, wait_seconds=5)
+    budget.acquire(90)
+    budget.wait_seconds = 0.05
+    with pytest.raises(MemoryBudgetExceeded):
+        budget.acquire(50)  # times out at the head of the queue
+    assert budget.acquire(10) == 10  # nobody ahead any more: fits at once
+    assert budget.held == 100
 
 
 def test_zero_size_is_free() -> None:
