@@ -27,3 +27,7 @@ RETRY_BACKOFF_BASE = 2.0
 RETRY_BACKOFF_MAX = 30.0
 #: Read size when draining an unread request body (PROTOCOL.md §5).
 DRAIN_CHUNK_BYTES = 65536
+#: Step of reading a request body of known length (gunicorn reads up to 1 MiB per recv()).
+BODY_READ_STEP = 1 << 20
+#: Largest buffer allocated up front for a body, whatever ``Content-Length`` claims.
+BODY_PREALLOC_MAX = 64 << 20
