@@ -42,54 +42,90 @@ def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
         return False, exc
 
 
-class FairSlots:
-    """At most ``n`` holders; waiters served strictly in arrival order.
+class FairSemaphore:
+    """A weighted semaphore (``limit`` units) whose waiters are served strictly in arrival order.
 
-    A released slot goes straight to the oldest waiter: a newcomer cannot take it first.
-    gevent's own semaphores let newcomers barge in (a free slot is grabbed before the woken
-    waiter runs), so under load some greenlets waited 100 ms and more for the thread pool
-    while others never waited at all.  Used from one thread (the worker's event loop).
+    Freed units go straight to the oldest waiter, and a newcomer queues behind waiters even
+    when it would fit.  gevent's own semaphores (and a ``Condition`` with ``notify_all``) let
+    newcomers barge in: under load some greenlets waited round after round (thread-pool
+    hand-offs 100 ms and more, 16 MiB buffered requests 6x the median) while others never
+    waited.  A request larger than ``limit`` is admitted alone (when nothing is held), so it
+    can never wait forever.  ``event`` makes a waiter's event: ``threading.Event``, which is
+    gevent's in a patched worker.
     """
 
-    def __init__(self, n: int, event: Callable[[], Any] = threading.Event) -> None:
-        self.free = n
-        self._event = event  # threading.Event: gevent's in a patched worker
-        self._waiters: deque[Any] = deque()
+    def __init__(self, limit: int, event: Callable[[], Any] = threading.Event) -> None:
+        self.limit = limit
+        self.held = 0
+        self._event = event
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
 
-    def acquire(self) -> None:
-        if self.free and not self._waiters:
-            self.free -= 1
-            return
-        handed = self._event()
-        self._waiters.append(handed)
+    def acquire(self, size: int = 1, timeout: float | None = None) -> bool:
+        """Take ``size`` units, waiting up to ``timeout`` seconds (``None``: no limit)."""
+        with self._lock:
+            if not self._waiters and self._fits(size):
+                self.held += size
+                return True
+            waiter = _Waiter(size, self._event())
+            self._waiters.append(waiter)
         try:
-            handed.wait()
-        except BaseException:  # killed while waiting: give up the place, or the slot
-            if handed.is_set():
-                self.release()
-            else:
-                self._waiters.remove(handed)
+            if waiter.admitted.wait(timeout):
+                return True
+        except BaseException:  # killed while waiting: give up the place, or the units
+            self._leave(waiter)
             raise
+        with self._lock:
+            if waiter.admitted.is_set():  # admitted right at the deadline
+                return True
+            self._waiters.remove(waiter)
+            self._admit()  # it may have been the head holding back smaller ones
+        return False
 
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the slot changes hands, never becomes free
-        else:
-            self.free += 1
+    def release(self, size: int = 1) -> None:
+        with self._lock:
+            self.held -= size
+            self._admit()
+
+    def _leave(self, waiter: _Waiter) -> None:
+        with self._lock:
+            if waiter.admitted.is_set():
+                self.held -= waiter.size
+            else:
+                self._waiters.remove(waiter)
+            self._admit()
+
+    def _admit(self) -> None:
+        """Hand freed units to waiters, oldest first (lock held)."""
+        while self._waiters and self._fits(self._waiters[0].size):
+            waiter = self._waiters.popleft()
+            self.held += waiter.size
+            waiter.admitted.set()
+
+    def _fits(self, size: int) -> bool:
+        return self.held == 0 or self.held + size <= self.limit
+
+
+class _Waiter:
+    __slots__ = ("admitted", "size")
+
+    def __init__(self, size: int, admitted: Any) -> None:
+        self.size = size
+        self.admitted = admitted
 
 
 class Executor:
     """Runs blocking calls in a pool of OS threads (``thread``) or inline.
 
     Offloading uses a gevent ``ThreadPool`` of our own (the hub's also serves DNS lookups),
-    entered through :class:`FairSlots`, so hand-offs start in arrival order.
+    entered through a :class:`FairSemaphore`, so hand-offs start in arrival order.
     """
 
     def __init__(self, mode: str, threads: int) -> None:
         self.mode = mode
         self.threads = threads
         self._pool: Any = None
-        self._slots = FairSlots(threads)
+        self._slots = FairSemaphore(threads)
         self._lock = threading.Lock()
 
     @property
@@ -136,78 +172,34 @@ class MemoryBudgetExceeded(ETLError):
 
 
 class MemoryBudget:
-    """A weighted semaphore over bytes of buffered input held by one worker.
+    """Bytes of buffered input one worker holds at once: a :class:`FairSemaphore` over bytes.
 
     A request larger than the whole budget is admitted alone (when nothing else is held), so
-    it can never wait forever; everything else waits in strict arrival order: freed room goes
-    to the oldest waiter first, and a newcomer queues behind waiters even if it would fit (a
-    free-for-all let 16 MiB requests wait 6x the median at 256 connections).
+    it can never wait forever; everything else waits in strict arrival order for room, up to
+    ``wait_seconds``, then gets :class:`MemoryBudgetExceeded`.
     """
 
     def __init__(self, limit: int, wait_seconds: float) -> None:
         self.limit = limit
         self.wait_seconds = wait_seconds
-        self.held = 0
-        self._lock = threading.Lock()
-        self._waiters: deque[_BudgetWaiter] = deque()
+        self.bytes = FairSemaphore(limit)
+
+    @property
+    def held(self) -> int:
+        return self.bytes.held
 
     def acquire(self, size: int) -> int:
         """Reserve ``size`` bytes (waiting up to ``wait_seconds``); returns what to release."""
         size = max(0, size)
         if size == 0:
             return 0
-        with self._lock:
-            if not self._waiters and self._fits(size):
-                self.held += size
-                return size
-            waiter = _BudgetWaiter(size)
-            self._waiters.append(waiter)
-        try:
-            if waiter.admitted.wait(self.wait_seconds):
-                return size
-        except BaseException:  # killed while waiting
-            self._leave(waiter)
-            raise
-        with self._lock:
-            if waiter.admitted.is_set():  # admitted right at the deadline
-                return size
-            self._waiters.remove(waiter)
-            self._admit()  # it may have been the head holding back smaller ones
-            held = self.held
-        raise MemoryBudgetExceeded(
-            f"worker memory budget exhausted: {held} of {self.limit} bytes held, "
-            f"{size} more needed; retry later"
-        )
+        if not self.bytes.acquire(size, self.wait_seconds):
+            raise MemoryBudgetExceeded(
+                f"worker memory budget exhausted: {self.held} of {self.limit} bytes held, "
+                f"{size} more needed; retry later"
+            )
+        return size
 
     def release(self, size: int) -> None:
-        if size <= 0:
-            return
-        with self._lock:
-            self.held -= size
-            self._admit()
-
-    def _leave(self, waiter: _BudgetWaiter) -> None:
-        with self._lock:
-            if waiter.admitted.is_set():
-                self.held -= waiter.size
-            else:
-                self._waiters.remove(waiter)
-            self._admit()
-
-    def _admit(self) -> None:
-        """Hand freed room to waiters, oldest first (lock held)."""
-        while self._waiters and self._fits(self._waiters[0].size):
-            waiter = self._waiters.popleft()
-            self.held += waiter.size
-            waiter.admitted.set()
-
-    def _fits(self, size: int) -> bool:
-        return self.held == 0 or self.held + size <= self.limit
-
-
-class _BudgetWaiter:
-    __slots__ = ("admitted", "size")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.admitted = threading.Event()
+        if size > 0:
+            self.bytes.release(size)

@@ -12,7 +12,7 @@ from gevent.event import Event as GreenEvent
 
 from etl_wsgi.concurrency import (
     Executor,
-    FairSlots,
+    FairSemaphore,
     MemoryBudget,
     MemoryBudgetExceeded,
     gevent_active,
@@ -111,13 +111,16 @@ def test_budget_admits_in_arrival_order_a_newcomer_does_not_overtake() -> None:
 
     big = threading.Thread(target=waiter, args=("big", 50))
     big.start()
-    _wait_until(lambda: len(budget._waiters) == 1)
+    _wait_until(lambda: len(budget.bytes._waiters) == 1)
     small = threading.Thread(target=waiter, args=("small", 5))  # would fit: 90 + 5 <= 100
     small.start()
-    _wait_until(lambda: len(budget._waiters) == 2)  # ...but queues behind "big"
+    _wait_until(lambda: len(budget.bytes._waiters) == 2)  # ...but queues behind "big"
     assert admitted == []
-    budget.release(90)
+    budget.release(40)  # room for "big" (50 + 50), then none for "small"
     big.join(5)
+    assert admitted == ["big"]
+    assert len(budget.bytes._waiters) == 1
+    budget.release(50)
     small.join(5)
     assert admitted == ["big", "small"]
     assert budget.held == 55
@@ -176,7 +179,7 @@ def test_pool_maxsize_follows_worker_connections() -> None:
     assert s.outbound_pool_size == 32
 
 
-# --- FairSlots: hand-offs to the thread pool in arrival order -----------------------------------
+# --- FairSemaphore: hand-offs to the thread pool in arrival order -------------------------------
 
 
 def test_fair_slots_hand_a_released_slot_to_the_oldest_waiter() -> None:
@@ -184,7 +187,7 @@ def test_fair_slots_hand_a_released_slot_to_the_oldest_waiter() -> None:
 
     (gevent's Semaphore gives this order as ["newcomer", "b", "c"].)
     """
-    slots = FairSlots(1, event=GreenEvent)
+    slots = FairSemaphore(1, event=GreenEvent)
     order: list[str] = []
 
     def waiter(name: str) -> None:
@@ -201,14 +204,14 @@ def test_fair_slots_hand_a_released_slot_to_the_oldest_waiter() -> None:
     slots.release()
     gevent.joinall(waiters, timeout=5)
     assert order == ["b", "c", "newcomer"]
-    assert slots.free == 1
+    assert slots.held == 0
 
 
 def test_fair_slots_a_killed_waiter_leaves_the_queue() -> None:
-    slots = FairSlots(1, event=GreenEvent)
+    slots = FairSemaphore(1, event=GreenEvent)
     slots.acquire()
     waiter = gevent.spawn(slots.acquire)
     gevent.sleep(0)
     waiter.kill(block=True, timeout=5)
     slots.release()
-    assert slots.free == 1  # nobody was waiting any more: the slot is free again
+    assert slots.held == 0  # nobody was waiting any more: the slot is free again
