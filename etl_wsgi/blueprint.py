@@ -20,7 +20,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from etl_wsgi import handler
 from etl_wsgi.const import HEADER_NODE_URL, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
-from etl_wsgi.errors import ETLError
+from etl_wsgi.errors import ETLError, as_etl_error
 from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest
 from etl_wsgi.ws import is_upgrade, serve_websocket
@@ -131,11 +131,8 @@ class _SocketTakenOver(Response):
 
 def exception_response(etl: ETLServer, request: Request, exc: Exception) -> Response:
     """Any exception as its reply: typed errors as themselves, anything else as a logged 500."""
-    if isinstance(exc, ETLError):
-        return error_response(etl, request, exc)
-    wrapped = ETLError(f"{type(exc).__name__}: {exc}")
-    wrapped.__cause__ = exc
-    return error_response(etl, request, wrapped, exc_info=exc)
+    error = as_etl_error(exc)
+    return error_response(etl, request, error, exc_info=None if error is exc else exc)
 
 
 def error_response(

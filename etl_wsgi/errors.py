@@ -38,6 +38,15 @@ class ETLError(Exception):
         return {}
 
 
+def as_etl_error(exc: BaseException) -> ETLError:
+    """``exc`` itself if typed, else a 500 naming it, ``exc`` as its cause (logged with trace)."""
+    if isinstance(exc, ETLError):
+        return exc
+    wrapped = ETLError(f"{type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
 class InvalidPipelineError(ETLError, ValueError):
     """Malformed ``Ais-Node-Url`` header -> 400 (PROTOCOL.md §4.1, §7)."""
 

@@ -148,11 +148,6 @@ def _handle(
         raise
 
 
-def transform_buffered(etl: ETLServer, req: ParsedRequest, source: Source) -> bytes:
-    """Read the input whole (or the FQN path with ``ETL_DIRECT_FQN``) and call ``transform``."""
-    return etl.executor.run(_call_transform, etl, req, read_input(etl, source))
-
-
 def read_input(etl: ETLServer, source: Source) -> bytes | str:
     """The whole input, or the FQN path with ``ETL_DIRECT_FQN`` (the transform opens it).
 
@@ -339,6 +334,11 @@ def _after_headers(
         raise StreamCut(exc) from exc
 
 
+def redact(etl: ETLServer, text: str) -> str:
+    """``text`` without the per-ETL secret of ``AIS_TARGET_URL`` or ``AIS_AUTHN_TOKEN`` (§7)."""
+    return redact_secret(text, etl.host_target, etl.settings.authn_token)
+
+
 def log_error(
     etl: ETLServer,
     method: str,
@@ -353,7 +353,7 @@ def log_error(
     carries ``path``, ``status`` and ``cause`` as record attributes too, which ``ETL_LOG_FORMAT=
     json`` emits as fields.  The per-ETL secret of ``AIS_TARGET_URL`` is redacted (PROTOCOL.md §7).
     """
-    message = redact_secret(exc.message, etl.host_target, etl.settings.authn_token)
+    message = redact(etl, exc.message)
     kind = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
     cause = f"{message} ({kind})" if kind and not message.startswith(kind) else message
     level = logging.ERROR if exc.status >= 500 or what else logging.WARNING

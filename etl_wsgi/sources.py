@@ -195,9 +195,9 @@ class BodySource(Source):
             if self.content_length is None:  # chunked: the size is known only at the end
                 return self.stream.read()
             return self._read_sized(self.content_length)
+        except IncompleteBodyError:
+            raise
         except Exception as exc:  # whatever the server's body reader raises (unreadable_body)
-            if isinstance(exc, IncompleteBodyError):
-                raise
             raise unreadable_body(exc) from exc
 
     def _read_sized(self, size: int) -> bytes:

@@ -50,10 +50,10 @@ from wsproto.frame_protocol import CloseReason
 
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
-from etl_wsgi.errors import BadRequestError, ETLError
-from etl_wsgi.handler import Reply, checked_pipeline, handle, log_error
+from etl_wsgi.errors import BadRequestError, ETLError, as_etl_error
+from etl_wsgi.handler import Reply, checked_pipeline, handle, log_error, redact
 from etl_wsgi.metrics import ROUTE_WS
-from etl_wsgi.protocol import ParsedRequest, redact_secret
+from etl_wsgi.protocol import ParsedRequest
 from etl_wsgi.sources import FileSource, Source, _DelegatingReader
 
 if TYPE_CHECKING:
@@ -343,16 +343,11 @@ class WebSocketSession:
 
     def _fail(self, task: Task, exc: BaseException) -> None:
         """Close with 1011; the failure is logged once (a cut stream was logged already)."""
-        if isinstance(exc, ETLError):
-            error, trace = exc, None
-        else:
-            error, trace = ETLError(f"{type(exc).__name__}: {exc}"), exc
-            error.__cause__ = exc
+        error = as_etl_error(exc)
         if error.logged:
-            message = redact_secret(
-                error.message, self.etl.host_target, self.etl.settings.authn_token
-            )
+            message = redact(self.etl, error.message)
         else:
+            trace = None if error is exc else exc
             message = log_error(
                 self.etl, "ws", task.req.path, error, "closing connection with 1011", trace
             )

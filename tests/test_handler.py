@@ -23,9 +23,8 @@ from etl_wsgi.errors import (
     TransformError,
     UpstreamStatusError,
 )
-from etl_wsgi.handler import ClosingBody, Reply, handle, http_source, transform_buffered
+from etl_wsgi.handler import ClosingBody, Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest
-from etl_wsgi.sources import BodySource
 from tests.fake_target import SECRET_PATH, CloseAfterBody, FakeTarget
 from tests.fake_target import Reply as FakeReply
 from tests.transformers import Inspect, StreamFailFirst, Upper, UpperStream
@@ -156,11 +155,6 @@ def test_user_etl_error_passes_through(make) -> None:
         call(make(RaisesETLError), put(), io.BytesIO(b"x"))
     assert type(info.value) is ETLError
     assert info.value.status == 400
-
-
-def test_transform_buffered_helper(make) -> None:
-    etl = make(Upper)
-    assert transform_buffered(etl, put(), BodySource(io.BytesIO(b"abc"))) == b"ABC"
 
 
 def test_get_without_fqn_fetches_from_the_target(make, target: FakeTarget) -> None:
