@@ -389,6 +389,12 @@ def run_cell(
     return cell
 
 
+def print_log_tail(row: dict) -> None:
+    """The server's log tail under a cell or memory row that had problems."""
+    if row["problems"] and row.get("log_tail"):
+        print("    server log tail:\n    " + row["log_tail"].replace("\n", "\n    "), flush=True)
+
+
 def print_cell(cell: dict) -> None:
     mark = "ok" if not cell["problems"] else "!!! " + "; ".join(cell["problems"])
     if cell.get("notes"):
@@ -402,8 +408,7 @@ def print_cell(cell: dict) -> None:
         f"RSS {cell['rss_peak_sum_mib']:>7.0f} MiB  {mark}",
         flush=True,
     )
-    if cell["problems"] and cell.get("log_tail"):
-        print("    server log tail:\n    " + cell["log_tail"].replace("\n", "\n    "), flush=True)
+    print_log_tail(cell)
 
 
 def runs_in(kind: str, mode: str) -> bool:
@@ -579,8 +584,7 @@ def memory_one(ctx: Context, kind: str, transform: str, total: int, repeat: int 
         f"{mark}",
         flush=True,
     )
-    if row["problems"] and row.get("log_tail"):
-        print("    server log tail:\n    " + row["log_tail"].replace("\n", "\n    "), flush=True)
+    print_log_tail(row)
     return row
 
 
