@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException
@@ -23,6 +23,7 @@ from etl_wsgi.const import HEADER_NODE_URL, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
 from etl_wsgi.errors import ETLError, as_etl_error
 from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest
+from etl_wsgi.socket_body import socket_body
 from etl_wsgi.ws import is_upgrade, serve_websocket
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def serve_object(etl: ETLServer, request: Request, path: str) -> WerkzeugRespons
             fqn=request.args.get(QPARAM_ETL_FQN, "").strip(),
             node_url=request.headers.get(HEADER_NODE_URL, ""),
         )
-        source = http_source(etl, req, request.stream, request.content_length)
+        source = http_source(etl, req, request_body(request), request.content_length)
         reply = handle(etl, req, source)
     except HTTPException as exc:  # e.g. ClientDisconnected while reading the body: a 400
         return exc.get_response(request.environ)
@@ -87,6 +88,20 @@ def serve_object(etl: ETLServer, request: Request, path: str) -> WerkzeugRespons
     if reply.held:
         response.call_on_close(lambda: etl.memory_budget.release(reply.held))
     return response
+
+
+def request_body(request: Request) -> IO[bytes]:
+    """The body to read: off gunicorn's socket when it can be (:mod:`etl_wsgi.socket_body`).
+
+    ``request.stream`` otherwise, and also when the app sets ``MAX_CONTENT_LENGTH`` and the
+    body is larger: Werkzeug's stream then answers ``413`` as the app asked.
+    """
+    limit = request.max_content_length
+    if limit is None or (request.content_length or 0) <= limit:
+        raw = socket_body(request.environ)
+        if raw is not None:
+            return cast("IO[bytes]", raw)  # read() as IO's; BodySource also uses readinto()
+    return request.stream
 
 
 def metrics_response(etl: ETLServer) -> Response:

@@ -35,6 +35,7 @@ from etl_wsgi.errors import (
     UpstreamStatusError,
 )
 from etl_wsgi.protocol import ParsedRequest, sanitize_fqn, upstream_object_url
+from etl_wsgi.socket_body import SocketBody
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -201,19 +202,31 @@ class BodySource(Source):
             raise unreadable_body(exc) from exc
 
     def _read_sized(self, size: int) -> bytes:
-        """``size`` bytes into a buffer allocated once, read in steps of ``BODY_READ_STEP``.
+        """``size`` bytes into a buffer allocated once.
 
         gunicorn's ``Body.read()`` of a whole body grows one ``BytesIO`` 1 MiB at a time, and
         every growth copies what it holds: py-spy put two thirds of a worker's CPU there at
         16 MiB hpush.  ``getvalue()`` of a buffer written to its exact end hands over its bytes
-        without another copy, so the body is in memory once.  The client's ``Content-Length``
-        is only believed up to ``BODY_PREALLOC_MAX``: past it, the buffer grows as bytes come.
+        without another copy, so the body is in memory once.  Off gunicorn's socket
+        (:class:`~etl_wsgi.socket_body.SocketBody`) the bytes are received straight into that
+        buffer; other streams are read in steps of ``BODY_READ_STEP``.  The client's
+        ``Content-Length`` is only believed up to ``BODY_PREALLOC_MAX``: past it, the buffer
+        grows as bytes come.
         """
         out = io.BytesIO()
         if size:
             out.seek(min(size, BODY_PREALLOC_MAX) - 1)
             out.write(b"\0")  # allocate (and zero) the buffer at once
             out.seek(0)
+        if isinstance(self.stream, SocketBody) and size <= BODY_PREALLOC_MAX:
+            with out.getbuffer() as view:
+                got = 0
+                while got < size:
+                    received = self.stream.readinto(view[got:])
+                    if not received:
+                        raise IncompleteBodyError(got, size)
+                    got += received
+            return out.getvalue()
         remaining = size
         while remaining:
             chunk = self.stream.read(min(remaining, BODY_READ_STEP))
