@@ -96,7 +96,12 @@ class ETLServer(ABC):  # noqa: B024 - ABC kept for parity; abstractness is check
         self.token = self.settings.authn_token or None
         self.logger = logging.getLogger(type(self).__name__)
         self.session = self._build_session()
-        self.executor = Executor(self.settings.transform_executor, self.settings.transform_threads)
+        self.executor = Executor(
+            self.settings.transform_executor,
+            self.settings.transform_threads,
+            inline_max_bytes=self.settings.inline_max_bytes,
+            inline_max_seconds=self.settings.inline_max_seconds,
+        )
         self.memory_budget = MemoryBudget(self.settings.memory_budget, self.settings.memory_wait)
 
     def _build_session(self) -> requests.Session:

@@ -110,8 +110,8 @@ def _byte_size(raw: str) -> int:
 
 def _executor(raw: str) -> str:
     mode = raw.lower()
-    if mode not in ("thread", "inline"):
-        raise ValueError("expected 'thread' or 'inline'")
+    if mode not in ("auto", "thread", "inline"):
+        raise ValueError("expected 'auto', 'thread' or 'inline'")
     return mode
 
 
@@ -345,9 +345,26 @@ class Settings:
     transform_executor: str = setting(
         "ETL_TRANSFORM_EXECUTOR",
         _executor,
-        "thread",
-        "`thread`: buffered `transform()` runs in a pool of OS threads, so CPU-bound or blocking "
-        "code cannot stall other requests or `/health`; `inline`: in the request's greenlet.",
+        "auto",
+        "Where buffered `transform()` calls (and FQN file reads) run. `thread`: in a pool of OS "
+        "threads, so CPU-bound or blocking code cannot stall other requests or `/health`; "
+        "`inline`: in the request's greenlet; `auto`: in the threads, except inputs of at most "
+        "`ETL_INLINE_MAX_BYTES` once 16 such calls in a row took at most "
+        "`ETL_INLINE_MAX_SECONDS` each (one slower call: back to the threads for 30 s).",
+    )
+    inline_max_bytes: int = setting(
+        "ETL_INLINE_MAX_BYTES",
+        _byte_size,
+        256 << 10,
+        "`auto` executor: largest input a proven-cheap call may process inline.",
+        default_doc="`256KiB`",
+    )
+    inline_max_seconds: float = setting(
+        "ETL_INLINE_MAX_SECONDS",
+        _positive_float,
+        0.001,
+        "`auto` executor: a call slower than this (seconds) is not cheap; it and its site go "
+        "back to the threads.",
     )
     transform_threads: int = setting(
         "ETL_TRANSFORM_THREADS",

@@ -130,13 +130,14 @@ def _handle(
     hint = source.size_hint()
     held = budget.acquire(2 * (hint or 0))
     try:
-        data_in = read_input(etl, source)
+        data_in = read_input(etl, source, hint)
         if hint is None:  # size known only now (chunked body, upstream GET)
             held += budget.acquire(2 * len(data_in))
         track.bytes_in = len(data_in) if isinstance(data_in, bytes) else hint or 0
         started = metrics.clock()
         try:
-            data = etl.executor.run(_call_transform, etl, req, data_in)
+            size = len(data_in) if isinstance(data_in, bytes) else hint
+            data = etl.executor.run(_call_transform, etl, req, data_in, site="transform", size=size)
         finally:
             recorder.transform_time("buffered", metrics.clock() - started)
         if pipeline is None:
@@ -148,16 +149,17 @@ def _handle(
         raise
 
 
-def read_input(etl: ETLServer, source: Source) -> bytes | str:
+def read_input(etl: ETLServer, source: Source, size: int | None = None) -> bytes | str:
     """The whole input, or the FQN path with ``ETL_DIRECT_FQN`` (the transform opens it).
 
-    FQN reads go through ``etl.executor`` (off the event loop in ``thread`` mode); socket
-    inputs are read in the request's greenlet, which owns the socket.
+    FQN reads go through ``etl.executor`` (off the event loop in ``thread`` mode; ``size``, the
+    file's size, for ``auto``); socket inputs are read in the request's greenlet, which owns
+    the socket.
     """
     if etl.direct_fqn and isinstance(source, FileSource):
         return source.check()
     if isinstance(source, FileSource):
-        return etl.executor.run(source.read_all)
+        return etl.executor.run(source.read_all, site="fqn-read", size=size)
     return source.read_all()
 
 

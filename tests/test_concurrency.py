@@ -13,6 +13,7 @@ from gevent.event import Event as GreenEvent
 from etl_wsgi.concurrency import (
     Executor,
     FairSemaphore,
+    InlineGate,
     MemoryBudget,
     MemoryBudgetExceeded,
     gevent_active,
@@ -24,7 +25,7 @@ TARGET = {"AIS_TARGET_URL": "http://127.0.0.1:9/v1/etl/_object/x/s3cr3tABCD"}
 
 def test_executor_runs_inline_without_gevent() -> None:
     assert not gevent_active()  # the test process is not monkey-patched
-    for mode in ("thread", "inline"):
+    for mode in ("auto", "thread", "inline"):
         ex = Executor(mode, 2)
         assert not ex.offloads
         assert ex.run(lambda a, b: (a, b, threading.get_ident()), 1, 2) == (
@@ -164,12 +165,62 @@ def test_bad_memory_budget_names_the_variable(raw: str) -> None:
 
 
 def test_executor_setting() -> None:
-    assert Settings.from_env(TARGET).transform_executor == "thread"
+    default = Settings.from_env(TARGET)
+    assert default.transform_executor == "auto"
+    assert (default.inline_max_bytes, default.inline_max_seconds) == (256 << 10, 0.001)
     assert Settings.from_env({**TARGET, "ETL_TRANSFORM_EXECUTOR": "Inline"}).transform_executor == (
         "inline"
     )
     with pytest.raises(ConfigError, match="ETL_TRANSFORM_EXECUTOR"):
         Settings.from_env({**TARGET, "ETL_TRANSFORM_EXECUTOR": "process"})
+    for name, raw in (("ETL_INLINE_MAX_BYTES", "0"), ("ETL_INLINE_MAX_SECONDS", "-1")):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**TARGET, name: raw})
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_inline_gate_needs_a_streak_of_cheap_small_calls() -> None:
+    gate = InlineGate(max_bytes=1000, max_seconds=0.001, streak=3, clock=FakeClock())
+    for _ in range(2):
+        assert not gate.inline(10)
+        gate.observe(0.0005)
+    assert not gate.inline(10)
+    gate.observe(0.001)  # at the limit is still cheap
+    assert gate.inline(10)
+    assert gate.inline(1000)
+    assert not gate.inline(1001)  # larger inputs never run inline
+    assert not gate.inline(None)  # nor inputs of unknown size
+    assert (gate.judged(1000), gate.judged(1001), gate.judged(None)) == (True, False, False)
+
+
+def test_inline_gate_one_slow_call_sends_the_site_back_for_the_cooldown() -> None:
+    clock = FakeClock()
+    gate = InlineGate(max_bytes=1000, max_seconds=0.001, streak=2, cooldown=30, clock=clock)
+    gate.observe(0)
+    gate.observe(0)
+    assert gate.inline(10)
+    gate.observe(0.0011)
+    assert not gate.inline(10)
+    gate.observe(0)
+    gate.observe(0)  # a new streak, but still cooling down
+    assert not gate.inline(10)
+    clock.now += 30
+    assert gate.inline(10)
+    clock.now += 1000
+    gate.observe(0.5)
+    clock.now += 29.9
+    gate.observe(0)
+    gate.observe(0)
+    assert not gate.inline(10)
+    clock.now += 0.1
+    assert gate.inline(10)
 
 
 def test_pool_maxsize_follows_worker_connections() -> None:

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
 
@@ -31,9 +32,33 @@ def busy_health(server, n: int = 6) -> float:
     return worst
 
 
-def test_thread_executor_keeps_health_responsive(serve) -> None:
-    server = serve("transformers:CpuBound", ETL_TRANSFORM_EXECUTOR="thread")
+@pytest.mark.parametrize("mode", ["thread", "auto"])
+def test_thread_and_auto_executors_keep_health_responsive(serve, mode: str) -> None:
+    server = serve("transformers:CpuBound", ETL_TRANSFORM_EXECUTOR=mode)
     assert busy_health(server) < 0.5
+
+
+def where(server, body: bytes = b"x", busy: float = 0) -> bytes:
+    resp = requests.put(f"{server.url}/o?etl_args={busy}", data=body, timeout=30)
+    assert resp.status_code == 200
+    return resp.content
+
+
+def test_auto_executor_runs_cheap_small_calls_inline(serve) -> None:
+    """Threads until 16 cheap calls in a row; then small inputs inline, large ones still not;
+    one call slower than ``ETL_INLINE_MAX_SECONDS`` sends the transform back to the threads."""
+    server = serve("transformers:WhereAmI", ETL_INLINE_MAX_BYTES="1KiB")  # auto: the default
+    assert [where(server) for _ in range(16)] == [b"pool"] * 16
+    assert where(server) == b"inline"
+    assert where(server, b"x" * 1024) == b"inline"
+    assert where(server, b"x" * 1025) == b"pool"
+    assert where(server, busy=0.01) == b"inline"  # found slow while inline...
+    assert [where(server) for _ in range(20)] == [b"pool"] * 20  # ...so threads, for 30 s
+
+
+def test_thread_executor_never_runs_inline(serve) -> None:
+    server = serve("transformers:WhereAmI", ETL_TRANSFORM_EXECUTOR="thread")
+    assert {where(server) for _ in range(20)} == {b"pool"}
 
 
 def test_inline_executor_stalls_health_control(serve) -> None:

@@ -165,6 +165,33 @@ class CpuBound(ETLServer):
         return _read(data).upper()
 
 
+def _os_thread() -> int:
+    """The OS thread's id (``threading.get_ident`` is the greenlet's under gevent)."""
+    try:
+        from gevent.monkey import get_original
+
+        return get_original("threading", "get_ident")()
+    except ImportError:  # pragma: no cover - gevent is installed with etl-wsgi
+        import threading
+
+        return threading.get_ident()
+
+
+_LOOP_THREAD = _os_thread()  # imported by the worker, in its event loop's thread
+
+
+class WhereAmI(ETLServer):
+    """Answers ``inline`` (event loop's thread) or ``pool``; ``etl_args``: busy seconds first."""
+
+    def transform(self, data, path, etl_args):
+        import time
+
+        end = time.perf_counter() + float(etl_args or 0)
+        while time.perf_counter() < end:
+            pass
+        return b"inline" if _os_thread() == _LOOP_THREAD else b"pool"
+
+
 class MarkedSleep(ETLServer):
     """Writes ``<dir>/started`` then sleeps: ``etl_args`` = ``<dir>,<seconds>``."""
 
