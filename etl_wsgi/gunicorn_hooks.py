@@ -263,9 +263,11 @@ def post_worker_init(worker: Any) -> None:
     """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`).
 
     Also builds the worker's metrics now (prometheus_client's import and files), not in the
-    first request.
+    first request, and frames streamed replies without copying (:mod:`etl_wsgi.chunk_writer`).
     """
-    from etl_wsgi import lifecycle, metrics
+    from etl_wsgi import chunk_writer, lifecycle, metrics
+
+    chunk_writer.install()
 
     metrics.recorder(_settings(require_target=False))
     lifecycle.start_watcher()
