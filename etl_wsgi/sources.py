@@ -202,31 +202,22 @@ class BodySource(Source):
             raise unreadable_body(exc) from exc
 
     def _read_sized(self, size: int) -> bytes:
-        """``size`` bytes into a buffer allocated once.
+        """``size`` bytes into one buffer, so the body is in memory once.
 
         gunicorn's ``Body.read()`` of a whole body grows one ``BytesIO`` 1 MiB at a time, and
         every growth copies what it holds: py-spy put two thirds of a worker's CPU there at
         16 MiB hpush.  ``getvalue()`` of a buffer written to its exact end hands over its bytes
-        without another copy, so the body is in memory once.  Off gunicorn's socket
-        (:class:`~etl_wsgi.socket_body.SocketBody`) the bytes are received straight into that
-        buffer; other streams are read in steps of ``BODY_READ_STEP``.  The client's
-        ``Content-Length`` is only believed up to ``BODY_PREALLOC_MAX``: past it, the buffer
-        grows as bytes come.
+        without another copy.  The client's ``Content-Length`` is only believed
+        ``BODY_PREALLOC_MAX`` bytes ahead of what has arrived: the buffer grows by that much at
+        a time (glibc moves large blocks with ``mremap``, without copying).
         """
+        if isinstance(self.stream, SocketBody):
+            return self._receive(self.stream, size)
         out = io.BytesIO()
         if size:
             out.seek(min(size, BODY_PREALLOC_MAX) - 1)
             out.write(b"\0")  # allocate (and zero) the buffer at once
             out.seek(0)
-        if isinstance(self.stream, SocketBody) and size <= BODY_PREALLOC_MAX:
-            with out.getbuffer() as view:
-                got = 0
-                while got < size:
-                    received = self.stream.readinto(view[got:])
-                    if not received:
-                        raise IncompleteBodyError(got, size)
-                    got += received
-            return out.getvalue()
         remaining = size
         while remaining:
             chunk = self.stream.read(min(remaining, BODY_READ_STEP))
@@ -234,6 +225,23 @@ class BodySource(Source):
                 raise IncompleteBodyError(size - remaining, size)
             out.write(chunk)
             remaining -= len(chunk)
+        return out.getvalue()
+
+    @staticmethod
+    def _receive(stream: SocketBody, size: int) -> bytes:
+        """Off gunicorn's socket: received straight into the buffer (no chunk in between)."""
+        out = io.BytesIO()
+        got = 0
+        while got < size:
+            room = min(size, got + BODY_PREALLOC_MAX)
+            out.seek(room - 1)
+            out.write(b"\0")  # grow (and zero) up to room
+            with out.getbuffer() as view:
+                while got < room:
+                    received = stream.readinto(view[got:room])
+                    if not received:
+                        raise IncompleteBodyError(got, size)
+                    got += received
         return out.getvalue()
 
     def open(self) -> IO[bytes]:

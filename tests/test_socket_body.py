@@ -259,3 +259,19 @@ def test_back_to_back_requests_on_one_connection(
 ) -> None:
     with booted(app, module_target) as server:
         assert back_to_back(server, BODIES) == [(200, e) for e in expect]
+
+
+def test_body_source_grows_its_buffer_past_the_prealloc_limit(pair, monkeypatch) -> None:
+    """Content-Length is believed only BODY_PREALLOC_MAX ahead of what has arrived."""
+    monkeypatch.setattr("etl_wsgi.sources.BODY_PREALLOC_MAX", 1000)
+    server, client = pair
+    payload = bytes(range(256)) * 14  # 3584 bytes: 4 growth steps
+    body = gunicorn_body(server, len(payload), read_ahead=payload[:10])
+    raw = socket_body(environ(body))
+    with sending(client, payload[10:]):
+        assert BodySource(raw, len(payload)).read_all() == payload  # type: ignore[arg-type]
+    cut = gunicorn_body(client, 5000)
+    server.sendall(b"y" * 2500)
+    server.shutdown(socket.SHUT_WR)
+    with pytest.raises(IncompleteBodyError, match="2500"):
+        BodySource(socket_body(environ(cut)), 5000).read_all()  # type: ignore[arg-type]
