@@ -8,6 +8,7 @@ import pytest
 from flask import Flask
 
 from etl_wsgi.app import create_app
+from etl_wsgi.extension import ETLExtension
 from etl_wsgi.fastpath import ObjectRoutes
 from tests.unit_support import TARGET_URL, clear_settings_env, close_sessions
 
@@ -69,3 +70,35 @@ def test_errors_take_the_one_error_table(app: Flask) -> None:
     reply = app.test_client().put("/b/o", data=b"x", headers={"Ais-Node-Url": "ftp://x/y"})
     assert reply.status_code == 400
     assert reply.is_json and "error" in reply.json
+
+
+def wire_headers(reply) -> dict[str, str]:
+    return {k: v for k, v in reply.headers.items() if k != "Date"}
+
+
+def test_plain_replies_carry_the_blueprints_headers_and_free_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The direct path writes 200s without a Response: same headers as the Flask extension."""
+    clear_settings_env(monkeypatch, AIS_TARGET_URL=TARGET_URL)
+    direct = create_app("tests.transformers:Upper")
+    extension = Flask("host")
+    ETLExtension(extension, "tests.transformers:Upper")
+    try:
+        got = {}
+        for name, app in (("direct", direct), ("extension", extension)):
+            reply = app.test_client().put("/b/o.txt?etl_args=k", data=b"hello")
+            got[name] = (reply.status, wire_headers(reply), reply.data)
+            (etl,) = app.extensions["etl_wsgi"].values()
+            assert etl.memory_budget.held == 10  # input and output, until the body is closed
+            reply.close()
+            assert etl.memory_budget.held == 0  # released when the body was closed
+        assert got["direct"] == got["extension"]
+        assert got["direct"][0] == "200 OK"
+        assert got["direct"][1] == {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": "5",
+        }
+    finally:
+        close_sessions(direct)
+        close_sessions(extension)
