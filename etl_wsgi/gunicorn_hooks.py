@@ -263,11 +263,11 @@ def post_worker_init(worker: Any) -> None:
     """Worker: on SIGTERM also tell long-lived work to wind down (:mod:`etl_wsgi.lifecycle`).
 
     Also builds the worker's metrics now (prometheus_client's import and files), not in the
-    first request, and frames streamed replies without copying (:mod:`etl_wsgi.chunk_writer`).
+    first request, and writes replies with fewer copies and sends (:mod:`etl_wsgi.reply_writes`).
     """
-    from etl_wsgi import chunk_writer, lifecycle, metrics
+    from etl_wsgi import lifecycle, metrics, reply_writes
 
-    chunk_writer.install()
+    reply_writes.install()
 
     metrics.recorder(_settings(require_target=False))
     lifecycle.start_watcher()
