@@ -239,3 +239,11 @@ def test_concurrent_slow_requests_overlap(module_target: FakeTarget):
     assert results == [(200, f"OBJ-{i}".encode()) for i in range(n)]
     print(f"{n} concurrent requests took {elapsed:.2f}s")
     assert elapsed < n * 0.2 / 4, f"{n} requests took {elapsed:.2f}s"
+
+
+def test_workers_freeze_their_start_up_objects_out_of_the_gc(module_target: FakeTarget):
+    """post_worker_init: gc.freeze() after the app is loaded (full collections skip them)."""
+    with booted("transformers:GcFrozen", module_target) as server:
+        status, _, body = request(server, "PUT", "/o", b"x")
+    assert status == 200
+    assert int(body) > 10_000  # Flask, Werkzeug, gevent, etl_wsgi and the app: far more

@@ -192,6 +192,15 @@ class WhereAmI(ETLServer):
         return b"inline" if _os_thread() == _LOOP_THREAD else b"pool"
 
 
+class GcFrozen(ETLServer):
+    """Answers how many objects the worker's garbage collector has frozen (``gc.freeze``)."""
+
+    def transform(self, data, path, etl_args):
+        import gc
+
+        return str(gc.get_freeze_count()).encode()
+
+
 class MarkedSleep(ETLServer):
     """Writes ``<dir>/started`` then sleeps: ``etl_args`` = ``<dir>,<seconds>``."""
 
