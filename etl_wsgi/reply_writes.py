@@ -67,12 +67,14 @@ def _one_send_response(base: Any) -> Any:
         sock: Any
 
         def write(self, arg: Any) -> None:
+            # getattr with the safe answer: a gunicorn without these attributes (before 27, or
+            # a later one that renames them) gets its own write() back, never an error.
             if (
-                self.headers_sent
-                or self.chunked
+                getattr(self, "headers_sent", True)
+                or getattr(self, "chunked", True)
                 or type(arg) is not bytes
                 or not arg
-                or self.response_length != len(arg)
+                or getattr(self, "response_length", None) != len(arg)
                 or getattr(self, "_omits_body", True)
             ):
                 super().write(arg)
