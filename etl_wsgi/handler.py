@@ -133,10 +133,10 @@ def _handle(
         data_in = read_input(etl, source, hint)
         if hint is None:  # size known only now (chunked body, upstream GET)
             held += budget.acquire(2 * len(data_in))
-        track.bytes_in = len(data_in) if isinstance(data_in, bytes) else hint or 0
+        size = len(data_in) if isinstance(data_in, bytes) else hint  # a path with ETL_DIRECT_FQN
+        track.bytes_in = size or 0
         started = metrics.clock()
         try:
-            size = len(data_in) if isinstance(data_in, bytes) else hint
             data = etl.executor.run(_call_transform, etl, req, data_in, site="transform", size=size)
         finally:
             recorder.transform_time("buffered", metrics.clock() - started)
