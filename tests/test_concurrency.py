@@ -266,3 +266,13 @@ def test_fair_slots_a_killed_waiter_leaves_the_queue() -> None:
     waiter.kill(block=True, timeout=5)
     slots.release()
     assert slots.held == 0  # nobody was waiting any more: the slot is free again
+
+
+def test_inline_gate_counts_cpu_not_preemption_but_catches_a_blocked_thread() -> None:
+    gate = InlineGate(max_bytes=1000, max_seconds=0.001, streak=1, clock=FakeClock())
+    gate.observe(0)
+    gate.observe_inline(0.0002, 0.03)  # preempted by the OS for 30 ms: still a cheap call
+    assert gate.inline(10)
+    gate.observe_inline(0.0002, 0.051)  # held the thread past blocked_seconds (0.05)
+    assert not gate.inline(10)
+    assert InlineGate(1000, max_seconds=0.2).blocked_seconds == 0.2  # never below max_seconds

@@ -38,21 +38,23 @@ def test_thread_and_auto_executors_keep_health_responsive(serve, mode: str) -> N
     assert busy_health(server) < 0.5
 
 
-def where(server, body: bytes = b"x", busy: float = 0) -> bytes:
-    resp = requests.put(f"{server.url}/o?etl_args={busy}", data=body, timeout=30)
+def where(server, body: bytes = b"x", slow: str = "0") -> bytes:
+    resp = requests.put(f"{server.url}/o?etl_args={slow}", data=body, timeout=30)
     assert resp.status_code == 200
     return resp.content
 
 
-def test_auto_executor_runs_cheap_small_calls_inline(serve) -> None:
+@pytest.mark.parametrize("slow", ["0.01", "block:0.2"])
+def test_auto_executor_runs_cheap_small_calls_inline(serve, slow: str) -> None:
     """Threads until 16 cheap calls in a row; then small inputs inline, large ones still not;
-    one call slower than ``ETL_INLINE_MAX_SECONDS`` sends the transform back to the threads."""
+    one call that spins the CPU longer than ``ETL_INLINE_MAX_SECONDS``, or holds the loop's
+    thread without CPU (an OS-level sleep), sends the transform back to the threads."""
     server = serve("transformers:WhereAmI", ETL_INLINE_MAX_BYTES="1KiB")  # auto: the default
     assert [where(server) for _ in range(16)] == [b"pool"] * 16
     assert where(server) == b"inline"
     assert where(server, b"x" * 1024) == b"inline"
     assert where(server, b"x" * 1025) == b"pool"
-    assert where(server, busy=0.01) == b"inline"  # found slow while inline...
+    assert where(server, slow=slow) == b"inline"  # found slow while inline...
     assert [where(server) for _ in range(20)] == [b"pool"] * 20  # ...so threads, for 30 s
 
 

@@ -181,11 +181,20 @@ _LOOP_THREAD = _os_thread()  # imported by the worker, in its event loop's threa
 
 
 class WhereAmI(ETLServer):
-    """Answers ``inline`` (event loop's thread) or ``pool``; ``etl_args``: busy seconds first."""
+    """Answers ``inline`` (event loop's thread) or ``pool``.
+
+    ``etl_args``: seconds to spin the CPU first, or ``block:<seconds>`` to hold the thread in
+    an unpatched (OS-level, not yielding) sleep.
+    """
 
     def transform(self, data, path, etl_args):
         import time
 
+        if etl_args and etl_args.startswith("block:"):
+            from gevent.monkey import get_original
+
+            get_original("time", "sleep")(float(etl_args[6:]))
+            etl_args = None
         end = time.perf_counter() + float(etl_args or 0)
         while time.perf_counter() < end:
             pass
