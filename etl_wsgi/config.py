@@ -363,8 +363,8 @@ class Settings:
         "ETL_INLINE_MAX_SECONDS",
         _positive_float,
         0.001,
-        "`auto` executor: a call slower than this (seconds) is not cheap; it and its site go "
-        "back to the threads.",
+        "`auto` executor: a call slower than this (seconds of the thread's CPU) is not cheap; "
+        "it and its site go back to the threads.",
     )
     transform_threads: int = setting(
         "ETL_TRANSFORM_THREADS",
