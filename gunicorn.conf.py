@@ -15,4 +15,5 @@ from etl_wsgi.gunicorn_conf import (  # noqa: F401
     on_starting,
     post_worker_init,
     when_ready,
+    worker_exit,
 )

@@ -13,4 +13,5 @@ on_starting = gunicorn_hooks.on_starting
 post_worker_init = gunicorn_hooks.post_worker_init
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit
+worker_exit = gunicorn_hooks.worker_exit
 on_exit = gunicorn_hooks.on_exit

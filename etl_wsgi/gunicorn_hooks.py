@@ -288,6 +288,13 @@ def post_worker_init(worker: Any) -> None:
     gc.freeze()
 
 
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker, on its way out: write the metric updates it still batches (etl_wsgi.metrics)."""
+    from etl_wsgi import metrics
+
+    metrics.flush()
+
+
 def when_ready(server: Any) -> None:
     """Master: warn if anything pulled ``requests`` in before the workers fork and patch."""
     if "requests" in sys.modules:

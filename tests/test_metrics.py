@@ -170,6 +170,52 @@ def test_metrics_off_records_nothing_and_serves_404(make) -> None:
     assert resp.json == {"error": "metrics are disabled (ETL_METRICS)"}
 
 
+def test_batched_recorder_writes_when_quiet_or_on_its_timer() -> None:
+    """Under gevent increments are batched: written when the worker goes quiet, when it takes
+    its first request, by a timer while busy, and before a scrape (metrics.py module doc)."""
+    from prometheus_client import generate_latest
+
+    timers: list[tuple[float, Callable[[], None]]] = []
+    rec = metrics.Recorder("", batched=True, schedule=lambda s, fn: timers.append((s, fn)))
+
+    def written() -> Samples:  # what a scrape of the files would see, without flushing
+        return parse(generate_latest(rec.registry).decode())
+
+    first = rec.start("PUT", "/<path>")
+    assert value(written(), "etl_requests_in_flight") == 1  # a quiet worker's first: at once
+    second = rec.start("PUT", "/<path>")
+    first.bytes_in = 5
+    first.finish(200, 7)
+    assert value(written(), "etl_requests_total", **OBJ, status="200") == 0  # busy: batched
+    assert value(written(), "etl_requests_in_flight") == 1
+    rec.direct_put_retry()
+    assert [s for s, _ in timers] == [metrics.FLUSH_SECONDS]  # one timer for the batch
+    timers.pop()[1]()
+    samples = written()
+    assert value(samples, "etl_requests_total", **OBJ, status="200") == 1
+    assert value(samples, "etl_received_bytes_total", route="/<path>") == 5
+    assert value(samples, "etl_sent_bytes_total", route="/<path>") == 7
+    assert value(samples, "etl_direct_put_retries_total") == 1
+    assert value(samples, "etl_requests_in_flight") == 1
+
+    rec.request("GET", "/health", 200)
+    assert len(timers) == 1  # a new batch, a new timer
+    second.finish(500)  # the last in flight: the worker is quiet, everything is written now
+    samples = written()
+    assert value(samples, "etl_requests_total", **OBJ, status="500") == 1
+    assert value(samples, "etl_requests_total", method="GET", route="/health", status="200") == 1
+    assert value(samples, "etl_requests_in_flight") == 0
+    timers.pop()[1]()  # a timer firing with nothing pending changes nothing
+    assert written() == samples
+
+    rec.start("PUT", "/<path>")
+    rec.start("PUT", "/<path>").finish(200)
+    assert value(written(), "etl_requests_total", **OBJ, status="200") == 1
+    scraped = rec.exposition()  # a scrape writes this worker's batch first
+    assert scraped is not None
+    assert value(parse(scraped[0].decode()), "etl_requests_total", **OBJ, status="200") == 2
+
+
 # ---- end-to-end: two gunicorn workers ----------------------------------------------------------
 
 
