@@ -18,6 +18,7 @@ from typing import Union
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import LocationParseError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
@@ -80,6 +81,40 @@ def build_session(settings: Settings) -> requests.Session:
     if settings.authn_token:
         session.headers[HEADER_AUTHORIZATION] = f"Bearer {settings.authn_token}"
     return session
+
+
+def stream_get(
+    session: requests.Session, url: str, timeout: tuple[float, float]
+) -> requests.Response:
+    """``session.get(url, stream=True, timeout=timeout, allow_redirects=False)``, for the hpull
+    GET back to the target (PROTOCOL.md §2.6), without the session's per-request merging.
+
+    ``Session.request`` merges the session's params, cookies, auth, hooks and environment
+    into a new request, each through generic (and on Python 3.11, Protocol ``isinstance``)
+    checks: a third of a worker's CPU at 1 KiB hpull (py-spy).  ``url`` is ours, built from
+    the validated ``AIS_TARGET_URL`` and a fully quoted path, so it needs no re-quoting
+    either.  This sends it straight through the session's mounted adapter, with the
+    session's headers (the token), TLS settings and pool: wrk 1 KiB hpull gave 5.2-5.4k
+    req/s against 3.7-4.1k.  A session someone gave params, cookies, auth, hooks, proxies
+    or ``trust_env`` (a subclass customising ``self.session``) goes through ``session.get``.
+    """
+    if (
+        session.auth is not None
+        or session.trust_env
+        or session.params
+        or session.proxies
+        or any(session.hooks.values())
+        or session.cookies
+    ):
+        return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+    req = requests.PreparedRequest()
+    req.method = "GET"
+    req.url = url
+    req.headers = CaseInsensitiveDict(session.headers)  # type: ignore[arg-type]
+    verify = True if session.verify is None else session.verify
+    return session.get_adapter(url).send(
+        req, stream=True, timeout=timeout, verify=verify, cert=session.cert, proxies={}
+    )
 
 
 def tls_error(exc: BaseException, peer: str) -> OutboundTLSError | None:

@@ -24,7 +24,7 @@ import urllib3
 
 from etl_wsgi.confine import FqnRoots
 from etl_wsgi.const import BODY_PREALLOC_MAX, BODY_READ_STEP, DRAIN_CHUNK_BYTES
-from etl_wsgi.direct_put import tls_error
+from etl_wsgi.direct_put import stream_get, tls_error
 from etl_wsgi.errors import (
     BadRequestError,
     ETLError,
@@ -146,11 +146,9 @@ class UpstreamSource(Source):
         self.peer = urlsplit(host_target).netloc  # for messages: the URL holds the secret
         self.timeout = timeout
 
-    def _get(self, *, stream: bool) -> requests.Response:
+    def _get(self) -> requests.Response:
         try:
-            resp = self.session.get(
-                self.url, stream=stream, timeout=self.timeout, allow_redirects=False
-            )
+            resp = stream_get(self.session, self.url, self.timeout)
         except requests.RequestException as exc:
             tls = tls_error(exc, self.peer)
             if tls is not None:
@@ -171,7 +169,7 @@ class UpstreamSource(Source):
             return reader.read()
 
     def open(self) -> IO[bytes]:
-        return ResponseReader(self._get(stream=True))  # type: ignore[return-value]
+        return ResponseReader(self._get())  # type: ignore[return-value]
 
 
 class BodySource(Source):

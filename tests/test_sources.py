@@ -14,7 +14,7 @@ import requests
 
 from etl_wsgi.config import Settings
 from etl_wsgi.const import DRAIN_CHUNK_BYTES
-from etl_wsgi.direct_put import build_session
+from etl_wsgi.direct_put import build_session, stream_get
 from etl_wsgi.errors import (
     BadRequestError,
     FileAccessError,
@@ -32,7 +32,7 @@ from etl_wsgi.sources import (
     UpstreamSource,
     select_source,
 )
-from tests.fake_target import SECRET_PATH, FakeTarget, Truncated
+from tests.fake_target import SECRET_PATH, FakeTarget, Reply, Truncated
 from tests.unit_support import closed_port, path_escape, write_object
 
 TIMEOUT = (5.0, 5.0)
@@ -194,6 +194,40 @@ def test_upstream_refused_is_502(session, action: str) -> None:
         getattr(src, action)()
     assert info.value.status == 502
     assert info.value.message.startswith("Network error: ConnectionError: ")
+
+
+def test_stream_get_sends_what_session_get_sends(target: FakeTarget) -> None:
+    """The light hpull GET (direct_put.stream_get) and ``session.get`` put the same request on
+    the wire: method, path, headers (the token included); neither follows a redirect."""
+    settings = Settings.from_env(
+        {"AIS_TARGET_URL": target.url + SECRET_PATH, "AIS_AUTHN_TOKEN": "tok3n"}
+    )
+    path = f"{SECRET_PATH}/{ESCAPED}"
+    target.scripts[path] = [Reply(302, b"", {"Location": "/elsewhere"})] * 2
+    with build_session(settings) as session:
+        light = stream_get(session, target.url + path, TIMEOUT)
+        plain = session.get(target.url + path, stream=True, timeout=TIMEOUT, allow_redirects=False)
+        assert light.status_code == plain.status_code == 302
+        light.close()
+        plain.close()
+    first, second = target.requests
+    assert (first.method, first.raw_path) == (second.method, second.raw_path) == ("GET", path)
+    assert first.headers == second.headers
+    assert first.header("Authorization") == "Bearer tok3n"
+
+
+def test_stream_get_of_a_customised_session_takes_session_get(target: FakeTarget) -> None:
+    """A session given auth (or params, cookies, hooks, proxies, trust_env) keeps all of it."""
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"hello"
+    with build_session(Settings.from_env({"AIS_TARGET_URL": target.url + SECRET_PATH})) as s:
+        s.auth = ("user", "pw")
+        s.params = {"extra": "1"}
+        resp = stream_get(s, f"{target.url}{SECRET_PATH}/{ESCAPED}", TIMEOUT)
+        assert resp.raw.read() == b"hello"
+        resp.close()
+    (get,) = target.requests
+    assert get.header("Authorization") == "Basic dXNlcjpwdw=="
+    assert get.query == [("extra", "1")]
 
 
 def _pooled(session: requests.Session, url: str) -> list:
