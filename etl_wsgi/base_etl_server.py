@@ -38,6 +38,7 @@ from etl_wsgi.direct_put import (
     _is_connection_refused,
     build_session,
     interpret_response,
+    put,
 )
 from etl_wsgi.errors import ETLDirectPutTransientError, InvalidPipelineError
 from etl_wsgi.protocol import sanitize_fqn as _sanitize_fqn
@@ -171,12 +172,8 @@ class ETLServer(ABC):  # noqa: B024 - ABC kept for parity; abstractness is check
 
         Redirects are not followed: a redirect would re-send a body that may be a consumed stream.
         """
-        return self.session.put(
-            url,
-            data=data,
-            headers=headers,
-            timeout=self.settings.timeouts if timeout is None else timeout,
-            allow_redirects=False,
+        return put(
+            self.session, url, data, headers, self.settings.timeouts if timeout is None else timeout
         )
 
     def handle_direct_put_response(

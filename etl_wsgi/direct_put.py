@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Union
+from typing import Any, Union
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -83,6 +83,33 @@ def build_session(settings: Settings) -> requests.Session:
     return session
 
 
+def _customised(session: requests.Session) -> bool:
+    """A session someone gave auth, params, proxies, hooks, cookies or ``trust_env`` (a
+    subclass customising ``self.session``): only ``Session.request`` applies those."""
+    return bool(
+        session.auth is not None
+        or session.trust_env
+        or session.params
+        or session.proxies
+        or any(session.hooks.values())
+        or session.cookies
+    )
+
+
+def _send(
+    session: requests.Session, req: requests.PreparedRequest, timeout: Any, stream: bool
+) -> requests.Response:
+    """``req`` through the session's mounted adapter (its pool), with its TLS settings."""
+    assert req.url is not None
+    verify = True if session.verify is None else session.verify
+    resp = session.get_adapter(req.url).send(
+        req, stream=stream, timeout=timeout, verify=verify, cert=session.cert, proxies={}
+    )
+    if not stream:
+        resp.content  # noqa: B018 - read it all: the connection goes back to the pool
+    return resp
+
+
 def stream_get(
     session: requests.Session, url: str, timeout: tuple[float, float]
 ) -> requests.Response:
@@ -90,31 +117,45 @@ def stream_get(
     GET back to the target (PROTOCOL.md §2.6), without the session's per-request merging.
 
     ``Session.request`` merges the session's params, cookies, auth, hooks and environment
-    into a new request, each through generic (and on Python 3.11, Protocol ``isinstance``)
+    into every request, each through generic (on Python 3.11, Protocol ``isinstance``)
     checks: a third of a worker's CPU at 1 KiB hpull (py-spy).  ``url`` is ours, built from
-    the validated ``AIS_TARGET_URL`` and a fully quoted path, so it needs no re-quoting
-    either.  This sends it straight through the session's mounted adapter, with the
-    session's headers (the token), TLS settings and pool: wrk 1 KiB hpull gave 5.2-5.4k
-    req/s against 3.7-4.1k.  A session someone gave params, cookies, auth, hooks, proxies
-    or ``trust_env`` (a subclass customising ``self.session``) goes through ``session.get``.
+    the validated ``AIS_TARGET_URL`` and a fully quoted path, so it is not re-parsed either:
+    the request goes straight to the session's adapter with the session's headers (the
+    token).  wrk 1 KiB hpull: 5.2-5.4k req/s against 3.7-4.1k.  A customised session goes
+    through ``session.get``.  Unlike ``session.get``, cookies a target sets are not kept.
     """
-    if (
-        session.auth is not None
-        or session.trust_env
-        or session.params
-        or session.proxies
-        or any(session.hooks.values())
-        or session.cookies
-    ):
+    if _customised(session):
         return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
     req = requests.PreparedRequest()
     req.method = "GET"
     req.url = url
     req.headers = CaseInsensitiveDict(session.headers)  # type: ignore[arg-type]
-    verify = True if session.verify is None else session.verify
-    return session.get_adapter(url).send(
-        req, stream=True, timeout=timeout, verify=verify, cert=session.cert, proxies={}
-    )
+    return _send(session, req, timeout, stream=True)
+
+
+def put(
+    session: requests.Session, url: str, data: Any, headers: dict[str, str], timeout: Any
+) -> requests.Response:
+    """``session.put(url, data=data, headers=headers, timeout=timeout, allow_redirects=False)``
+    without the session's per-request merging (see :func:`stream_get`).
+
+    ``url`` comes from ``Ais-Node-Url``, so it is prepared as ``session.put`` prepares it
+    (validated, re-quoted, ``user:password@`` as basic auth) with the session's headers
+    merged in.  The reply is read whole, as ``session.put`` does.
+    """
+    if _customised(session):
+        return session.put(url, data=data, headers=headers, timeout=timeout, allow_redirects=False)
+    merged = CaseInsensitiveDict(session.headers)
+    merged.update(headers)
+    # PreparedRequest.prepare() without its cookie and hook steps (the session has neither):
+    # half of its cost, the empty cookie jar's header lookup mostly.
+    req = requests.PreparedRequest()
+    req.prepare_method("PUT")
+    req.prepare_url(url, None)
+    req.prepare_headers(merged)
+    req.prepare_body(data, None)
+    req.prepare_auth(None, url)  # user:password@ in the URL, as session.put
+    return _send(session, req, timeout, stream=False)
 
 
 def tls_error(exc: BaseException, peer: str) -> OutboundTLSError | None:

@@ -21,6 +21,7 @@ from etl_wsgi.direct_put import (
     build_session,
     deliver,
     interpret_response,
+    put,
 )
 from etl_wsgi.errors import (
     DirectPutError,
@@ -67,9 +68,7 @@ class Run:
         self.closed = 0
 
     def send(self, url: str, body, headers) -> requests.Response:
-        return self.session.put(
-            url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-        )
+        return put(self.session, url, body, headers, self.timeout)  # as ETLServer.client_put
 
     def buffered(self) -> Attempt:
         self.attempts += 1
@@ -388,3 +387,45 @@ def test_interpret_response(
 )
 def test_result_headers(result: DirectPutResult, headers: dict[str, str]) -> None:
     assert result.headers == headers
+
+
+@pytest.mark.parametrize("body", [BODY, b"", "stream"])
+def test_put_sends_what_session_put_sends(target: FakeTarget, body) -> None:
+    """direct_put.put (ETLServer.client_put) and ``session.put`` put the same request on the
+    wire: path, headers (token, length or chunked framing), body; the reply is read whole."""
+    settings = Settings.from_env(
+        {"AIS_TARGET_URL": target.url + SECRET_PATH, "AIS_AUTHN_TOKEN": "tok3n"}
+    )
+    url = target.url + "/ais%2F@%23%2Fdst%2Fa%20b.txt?owt=3&uuid=X"
+    headers = {"Content-Type": "application/octet-stream"}
+    target.default = Reply(200, b"stored")
+
+    def data():
+        return CountingIterator(iter([b"ab", b"cd"])) if body == "stream" else body
+
+    with build_session(settings) as session:
+        light = put(session, url, data(), headers, TIMEOUT)
+        plain = session.put(url, data=data(), headers=headers, timeout=TIMEOUT)
+        assert (light.status_code, light.content) == (plain.status_code, plain.content)
+        assert light.raw.isclosed()  # read whole: the connection is back in the pool
+    first, second = target.requests
+    assert (first.raw_path, first.headers, first.body, first.chunked) == (
+        second.raw_path,
+        second.headers,
+        second.body,
+        second.chunked,
+    )
+    assert first.header("Authorization") == "Bearer tok3n"
+    assert first.body == (b"abcd" if body == "stream" else body)
+
+
+def test_put_keeps_userinfo_and_a_customised_session(target: FakeTarget) -> None:
+    """``user:pw@`` in the hop is basic auth, as with ``session.put``; a session given params
+    (or auth, cookies, hooks, proxies, trust_env) goes through ``session.put``."""
+    with build_session(Settings.from_env({"AIS_TARGET_URL": target.url + SECRET_PATH})) as s:
+        put(s, target.url.replace("//", "//user:pw@") + "/a", BODY, {}, TIMEOUT)
+        s.params = {"extra": "1"}
+        put(s, target.url + "/b", BODY, {}, TIMEOUT)
+    first, second = target.requests
+    assert first.header("Authorization") == "Basic dXNlcjpwdw=="
+    assert (second.path, second.query) == ("/b", [("extra", "1")])
