@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from types import SimpleNamespace
 
 import gunicorn.util
 import pytest
@@ -25,18 +26,43 @@ GUNICORN_RESPONSE = wsgi.Response
 
 @pytest.fixture(autouse=True)
 def installed():
-    original = gunicorn.util.write_chunk
+    original, original_date = gunicorn.util.write_chunk, gunicorn.util.http_date
     reply_writes.install()
     reply_writes.install()  # idempotent: gunicorn's originals are kept, not our own
     yield
     gunicorn.util.write_chunk = original
+    gunicorn.util.http_date = original_date
     wsgi.Response = GUNICORN_RESPONSE
 
 
 def test_install_routes_gunicorns_writes() -> None:
     assert gunicorn.util.write_chunk is reply_writes.write_chunk
     assert reply_writes._original_write_chunk is not reply_writes.write_chunk
+    assert gunicorn.util.http_date is reply_writes.http_date
+    assert reply_writes._original_http_date is not reply_writes.http_date
     assert wsgi.Response.__bases__ == (GUNICORN_RESPONSE,)
+
+
+def test_date_header_is_gunicorns_formatted_once_a_second(monkeypatch) -> None:
+    gunicorns = reply_writes._original_http_date
+    calls: list[float] = []
+
+    def counted(timestamp=None):
+        calls.append(timestamp)
+        return gunicorns(timestamp)
+
+    now = [1_700_000_000.25]
+    monkeypatch.setattr(reply_writes, "_original_http_date", counted)
+    monkeypatch.setattr(reply_writes, "_date_cache", (-1, ""))
+    monkeypatch.setattr(reply_writes, "time", SimpleNamespace(time=lambda: now[0]))
+    first = gunicorn.util.http_date()
+    assert first == "Tue, 14 Nov 2023 22:13:20 GMT" == gunicorns(now[0])
+    now[0] += 0.7  # the same second
+    assert gunicorn.util.http_date() == first
+    now[0] += 0.1  # the next one
+    assert gunicorn.util.http_date() == "Tue, 14 Nov 2023 22:13:21 GMT"
+    assert calls == [1_700_000_000, 1_700_000_001]
+    assert gunicorn.util.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"  # explicit: as is
 
 
 def read_exactly(sock: socket.socket, n: int) -> bytes:
