@@ -177,15 +177,17 @@ class Recorder:
         return child
 
     def _inc(self, child: Any, amount: float = 1) -> None:
+        """``child.inc(amount)``, or batched: then the caller ends with :meth:`_settle`."""
         if not self._batched:
             child.inc(amount)
             return
         pending = self._pending
         pending[child] = pending.get(child, 0) + amount
-        self._settle()
 
     def _settle(self) -> None:
         """Batched mode: write now if the worker is quiet, else make sure a timer will."""
+        if not self._batched:
+            return
         if not self._busy:
             self.flush()
         elif not self._timer:
@@ -226,10 +228,12 @@ class Recorder:
             self._inc(self._child(self.bytes_in, track.route), track.bytes_in)
         if bytes_out:
             self._inc(self._child(self.bytes_out, track.route), bytes_out)
+        self._settle()
 
     def request(self, method: str, route: str, status: int) -> None:
         """A request answered at once, with no body worth counting (``/health``)."""
         self._inc(self._child(self.requests, method, route, _label(status)))
+        self._settle()
 
     def transform_time(self, mode: str, seconds: float) -> None:
         self._child(self.transform_seconds, mode).observe(seconds)
@@ -238,9 +242,11 @@ class Recorder:
         self._inc(self._child(self.direct_puts, outcome))
         if sent:
             self._inc(self.direct_put_bytes, sent)
+        self._settle()
 
     def direct_put_retry(self) -> None:
         self._inc(self.direct_put_retries)
+        self._settle()
 
     def exposition(self) -> tuple[bytes, str] | None:
         """``(body, content type)`` of a scrape: every worker's values in multiprocess mode."""
