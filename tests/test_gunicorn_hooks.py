@@ -30,6 +30,7 @@ from etl_wsgi.gunicorn_hooks import (
     prepare_metrics_dir,
     raise_nofile_limit,
     when_ready,
+    worker_exit,
 )
 from tests.unit_support import TARGET_URL, clear_settings_env
 
@@ -265,6 +266,23 @@ def test_when_ready_warns_if_requests_is_in_the_master(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="etl_wsgi"):
         when_ready(None)
     assert "'requests' was imported in the gunicorn master" in caplog.text
+
+
+def test_worker_exit_writes_the_batched_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import generate_latest
+
+    from etl_wsgi import metrics
+
+    monkeypatch.setattr(metrics, "_recorder", None)
+    worker_exit(None, None)  # no recorder (metrics off, or nothing recorded): nothing to do
+    rec = metrics.Recorder("", batched=True, schedule=lambda seconds, fn: None)
+    metrics._recorder = rec
+    rec.start("PUT", "/<path>")
+    rec.start("PUT", "/<path>").finish(200)  # busy: batched, the timer never fires here
+    line = 'etl_requests_total{method="PUT",route="/<path>",status="200"} 1.0'
+    assert line not in generate_latest(rec.registry).decode()
+    worker_exit(None, None)
+    assert line in generate_latest(rec.registry).decode()
 
 
 # --- side effects ------------------------------------------------------------------------------
