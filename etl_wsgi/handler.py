@@ -127,8 +127,12 @@ def _handle(
 
     budget = etl.memory_budget
     # Input and output of a buffered transform are both in memory: reserve twice the input.
-    hint = source.size_hint()
-    held = budget.acquire(2 * (hint or 0))
+    try:
+        hint = source.start()
+        held = budget.acquire(2 * (hint or 0))
+    except BaseException:
+        source.close()
+        raise
     try:
         data_in = read_input(etl, source, hint)
         if hint is None:  # size known only now (chunked body, upstream GET)
@@ -146,6 +150,7 @@ def _handle(
         return dataclasses.replace(reply, held=held)
     except BaseException:
         budget.release(held)
+        source.close()
         raise
 
 

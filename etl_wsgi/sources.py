@@ -52,6 +52,17 @@ class Source:
         """Input size when known before reading (memory budget), else ``None``."""
         return None
 
+    def start(self) -> int | None:
+        """Get ready to read, as far as that takes no memory; the size when known.
+
+        The buffered flow calls it before it reserves memory budget for the input (then
+        :meth:`close` on every path).  Default: :meth:`size_hint`.
+        """
+        return self.size_hint()
+
+    def close(self) -> None:
+        """Let go of what :meth:`start` holds that no reader took over."""
+
     def read_all(self) -> bytes:
         with self.open() as reader:
             return reader.read()
@@ -145,6 +156,31 @@ class UpstreamSource(Source):
         self.url = upstream_object_url(host_target, path)
         self.peer = urlsplit(host_target).netloc  # for messages: the URL holds the secret
         self.timeout = timeout
+        self._started: requests.Response | None = None
+        self._length: int | None = None
+
+    def start(self) -> int | None:
+        """Send the GET and read the reply's headers; the body stays in the socket until
+        :meth:`open` (or :meth:`read_all`) takes this response.
+
+        So the memory budget is reserved from the reply's ``Content-Length`` *before* the body
+        is read: with the GET inside ``read_all``, every hpull request of a worker read its
+        whole object first and only then waited for budget (wrk, 16 MiB hpull, 256
+        connections: the worker held 128 objects at once, past its 2 GiB budget).
+        """
+        if self._started is None:
+            self._started = self._get()
+            length = self._started.headers.get("Content-Length", "")
+            self._length = int(length) if length.isdigit() else None
+        return self._length
+
+    def size_hint(self) -> int | None:
+        return self._length
+
+    def close(self) -> None:
+        started, self._started = self._started, None
+        if started is not None:
+            started.close()
 
     def _get(self) -> requests.Response:
         try:
@@ -169,7 +205,9 @@ class UpstreamSource(Source):
             return reader.read()
 
     def open(self) -> IO[bytes]:
-        return ResponseReader(self._get())  # type: ignore[return-value]
+        """A reader over the started response (:meth:`start`), else over a new GET."""
+        started, self._started = self._started, None
+        return ResponseReader(started or self._get())  # type: ignore[return-value]
 
 
 class BodySource(Source):

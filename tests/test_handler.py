@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from etl_wsgi.base_etl_server import ETLServer
+from etl_wsgi.concurrency import MemoryBudgetExceeded
 from etl_wsgi.errors import (
     ETLDirectPutTransientError,
     ETLError,
@@ -21,11 +22,12 @@ from etl_wsgi.errors import (
     ObjectNotFoundError,
     StreamCut,
     TransformError,
+    UpstreamNetworkError,
     UpstreamStatusError,
 )
 from etl_wsgi.handler import ClosingBody, Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest
-from tests.fake_target import SECRET_PATH, CloseAfterBody, FakeTarget
+from tests.fake_target import SECRET_PATH, CloseAfterBody, FakeTarget, Truncated
 from tests.fake_target import Reply as FakeReply
 from tests.transformers import Inspect, StreamFailFirst, Upper, UpperStream
 from tests.unit_support import dst, path_escape
@@ -169,6 +171,23 @@ def test_get_upstream_error_status(make, target: FakeTarget) -> None:
     with pytest.raises(UpstreamStatusError) as info:
         call(make(Upper), ParsedRequest("GET", "ais/@#/src/none"), io.BytesIO())
     assert info.value.status == 404
+
+
+def test_get_reserves_memory_budget_before_reading_the_object(make, target: FakeTarget) -> None:
+    """hpull: the budget is reserved from the reply's Content-Length, before the body is read
+    (PROTOCOL.md §2.6; README "Concurrency and memory").  The object here announces 1000 bytes
+    and is cut short: read first, that would be a 502; the budget, held elsewhere, says 503."""
+    path = SECRET_PATH + "/ais%2F@%23%2Fsrc%2Fbig"
+    target.scripts[path] = [Truncated(declared=1000), Truncated(declared=1000)]
+    etl = make(Upper, ETL_MEMORY_BUDGET="2000", ETL_MEMORY_WAIT="0.05")
+    elsewhere = etl.memory_budget.acquire(1)  # another request holds one byte
+    with pytest.raises(MemoryBudgetExceeded):
+        call(etl, ParsedRequest("GET", "ais/@#/src/big"), io.BytesIO())
+    assert len(target.requests) == 1  # one GET, closed unread
+    etl.memory_budget.release(elsewhere)
+    with pytest.raises(UpstreamNetworkError):  # with room, the same object is read: cut short
+        call(etl, ParsedRequest("GET", "ais/@#/src/big"), io.BytesIO())
+    assert etl.memory_budget.held == 0
 
 
 # --- streaming ---------------------------------------------------------------------------------

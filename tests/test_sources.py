@@ -163,6 +163,32 @@ def test_upstream_read_all(session, target: FakeTarget) -> None:
     assert (get.method, get.raw_path) == ("GET", f"{SECRET_PATH}/{ESCAPED}")
 
 
+def test_upstream_start_gets_the_headers_and_open_reads_that_reply(
+    session, target: FakeTarget
+) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"hello"
+    src = upstream(session, target)
+    assert src.size_hint() is None  # nothing sent yet
+    assert src.start() == 5 == src.size_hint()  # Content-Length, before any body is read
+    assert src.start() == 5  # once
+    assert src.read_all() == b"hello"
+    assert len(target.requests) == 1  # the started reply was read, not a second GET
+    assert src.read_all() == b"hello"  # replayable: a new GET
+    assert len(target.requests) == 2
+
+
+def test_upstream_close_lets_go_of_a_started_reply(session, target: FakeTarget) -> None:
+    target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"x" * 100_000
+    src = upstream(session, target)
+    src.start()
+    started = src._started
+    assert started is not None
+    src.close()
+    src.close()  # idempotent
+    assert started.raw.closed
+    assert src.read_all() == b"x" * 100_000  # a new GET after that
+
+
 def test_upstream_open_streams(session, target: FakeTarget) -> None:
     target.objects[f"{SECRET_PATH}/{ESCAPED}"] = b"x" * 100_000
     with upstream(session, target).open() as reader:
