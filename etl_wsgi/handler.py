@@ -127,15 +127,12 @@ def _handle(
 
     budget = etl.memory_budget
     # Input and output of a buffered transform are both in memory: reserve twice the input.
+    held = 0
     try:
         hint = source.start()
         held = budget.acquire(2 * (hint or 0))
-    except BaseException:
-        source.close()
-        raise
-    try:
         data_in = read_input(etl, source, hint)
-        if hint is None:  # size known only now (chunked body, upstream GET)
+        if hint is None:  # size known only now (chunked request body or upstream reply)
             held += budget.acquire(2 * len(data_in))
         size = len(data_in) if isinstance(data_in, bytes) else hint  # a path with ETL_DIRECT_FQN
         track.bytes_in = size or 0

@@ -170,8 +170,9 @@ class UpstreamSource(Source):
         """
         if self._started is None:
             self._started = self._get()
-            length = self._started.headers.get("Content-Length", "")
-            self._length = int(length) if length.isdigit() else None
+            # urllib3's parse of Content-Length (None when chunked, absent or invalid); nothing
+            # is read yet, so what remains is all of it.
+            self._length = self._started.raw.length_remaining
         return self._length
 
     def size_hint(self) -> int | None:
