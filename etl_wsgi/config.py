@@ -481,6 +481,16 @@ class Settings:
         "timeout.",
         group="gunicorn",
     )
+    reuse_port: bool = setting(
+        "ETL_REUSE_PORT",
+        _strict_bool,
+        True,
+        "Every worker listens on the `HOST:PORT` of `ETL_BIND` with its own socket "
+        "(`SO_REUSEPORT`), so the kernel spreads connections evenly over the workers; off, or with "
+        "port 0, `unix:` or `fd://`: one socket shared by all, taken by whichever worker wakes "
+        "first. A worker that dies resets the connections still queued on its socket.",
+        group="gunicorn",
+    )
     control_socket: str = setting(
         "ETL_CONTROL_SOCKET",
         _text,

@@ -23,6 +23,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -71,6 +72,8 @@ def config_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "timeout": s.worker_timeout,
         "graceful_timeout": s.graceful_timeout,
         "keepalive": s.keepalive,
+        # on_starting turns it off again for binds it cannot serve (see balance_listeners)
+        "reuse_port": s.reuse_port,
         # gunicorn's maximum: an hpush request line carries the object name twice (path and the
         # doubly-escaped etl_fqn), which long names push past the 4094 default.
         "limit_request_line": 8190,
@@ -244,6 +247,57 @@ def on_starting(server: Any) -> None:
         s.allowed_destinations or "(any host)",
         "HTTPS" if s.certfile else "HTTP",
     )
+    if server is not None:  # the arbiter; unit tests of the steps above pass None
+        shared = balance_listeners(server.cfg)
+        log.info(
+            "etl-wsgi: listening at %s %s",
+            ", ".join(server.cfg.bind),
+            f"on one socket shared by the workers ({shared})"
+            if shared
+            else "on a socket per worker (SO_REUSEPORT)",
+        )
+
+
+def balance_listeners(cfg: Any) -> str:
+    """Keep gunicorn's ``reuse_port`` (``ETL_REUSE_PORT``) only where it balances the workers.
+
+    With it, every worker binds the address itself (``SO_REUSEPORT``) and the kernel hashes each
+    new connection to one of their sockets: with 64 keep-alive connections from wrk, one shared
+    socket let the first worker to wake take 47 or all 64 of them in some runs (p99 12-15 ms),
+    separate sockets split them 22/42 to 33/31 (p99 8 ms).  Off, with one shared socket as
+    before, for a single worker (the master's socket then queues connections while a worker
+    restarts), for ``unix:``/``fd://`` binds and port 0 (every worker would get a port of its
+    own), and when the master cannot bind the address with ``SO_REUSEPORT`` itself (in use by
+    another program: gunicorn's own bind then reports it).  Returns why it is off ("" if on).
+    """
+    if not cfg.reuse_port:
+        return "ETL_REUSE_PORT is off"
+    reason = _reuse_port_refusal(cfg)
+    if reason:
+        cfg.set("reuse_port", False)
+    return reason
+
+
+def _reuse_port_refusal(cfg: Any) -> str:
+    if cfg.workers < 2:
+        return "one worker"
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return "no SO_REUSEPORT on this system"
+    for address in cfg.address:
+        if not isinstance(address, tuple):
+            return f"bind {address!r} is not HOST:PORT"
+        host, port = address[0], address[1]
+        if port == 0:
+            return "port 0 would give every worker a port of its own"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(address)
+        except OSError as exc:
+            return f"cannot bind {host}:{port} with SO_REUSEPORT: {exc.strerror or exc}"
+    return ""
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,8 +1,12 @@
 """Run the real server in a subprocess: for tests, benchmarks and local runs.
 
-:class:`GunicornServer` starts ``gunicorn -c <config> <app>`` (gevent workers) on a socket it
-binds itself on 127.0.0.1 and hands over as ``fd://N``, so there is no port race, then waits for
-``/health`` with a deadline. Only the standard library is used here.
+:class:`GunicornServer` starts ``gunicorn -c <config> <app>`` (gevent workers) on a port it
+holds itself on 127.0.0.1, so there is no port race, then waits for ``/health`` with a deadline.
+With one worker, or ``ETL_REUSE_PORT`` off, the socket listens and is handed over as ``fd://N``;
+with several workers it only reserves the port (bound with ``SO_REUSEPORT``, never listening, so
+it takes no connections) and the workers bind it themselves, as in a pod
+(:func:`etl_wsgi.gunicorn_hooks.balance_listeners`). Only the standard library (and the pure
+:mod:`etl_wsgi.config`) is used here.
 """
 
 from __future__ import annotations
@@ -18,11 +22,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 
+from etl_wsgi.config import FALSY
+
 PACKAGE_CONFIG = "python:etl_wsgi.gunicorn_conf"
 
 #: Variables the server reads; not inherited from the caller's environment unless given.
 _OWN_PREFIXES = ("ETL_", "AIS_")
 _OWN_NAMES = ("NUM_WORKERS", "DIRECT_PUT", "direct_put", "PROMETHEUS_MULTIPROC_DIR")
+
+
+def _reuse_port(raw: str) -> bool:
+    """``ETL_REUSE_PORT`` as the server reads it: on unless set to a false value."""
+    return hasattr(socket, "SO_REUSEPORT") and raw.strip().lower() not in FALSY
 
 
 class GunicornServer:
@@ -48,10 +59,17 @@ class GunicornServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.sock = socket.socket()
+        count = self.extra_env.get("ETL_WORKERS", "").strip()  # overrides ``workers``
+        several = (int(count) if count.isdigit() else workers) > 1
+        self.reuse_port = several and _reuse_port(self.extra_env.get("ETL_REUSE_PORT", ""))
+        if self.reuse_port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(1024)
+        if not self.reuse_port:
+            self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
+        self._bind = f"{host}:{self.port}" if self.reuse_port else f"fd://{self.sock.fileno()}"
 
     def environment(self) -> dict[str, str]:
         env = {
@@ -63,7 +81,7 @@ class GunicornServer:
         env.update(
             {
                 "PYTHONPATH": os.pathsep.join(p for p in path if p),
-                "ETL_BIND": f"fd://{self.sock.fileno()}",
+                "ETL_BIND": self._bind,
                 "ETL_WORKERS": str(self.workers),
             }
         )
@@ -78,7 +96,7 @@ class GunicornServer:
             env=self.environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            pass_fds=(self.sock.fileno(),),
+            pass_fds=() if self.reuse_port else (self.sock.fileno(),),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -247,3 +247,58 @@ def test_workers_freeze_their_start_up_objects_out_of_the_gc(module_target: Fake
         status, _, body = request(server, "PUT", "/o", b"x")
     assert status == 200
     assert int(body) > 10_000  # Flask, Werkzeug, gevent, etl_wsgi and the app: far more
+
+
+# ---- listening sockets: one per worker (SO_REUSEPORT) ------------------------------------------
+
+
+def listening_sockets(port: int) -> dict[str, set[int]]:
+    """Socket inode -> pids holding it, for every TCP socket listening on 127.0.0.1:``port``."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    holders: dict[str, set[int]] = {inode: set() for inode in inodes}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # gone, or not ours
+            continue
+        for inode in holders:
+            if f"socket:[{inode}]" in links:
+                holders[inode].add(int(pid))
+    return holders
+
+
+def test_each_worker_listens_on_its_own_socket(module_target: FakeTarget):
+    """Default ``ETL_REUSE_PORT``: the kernel spreads connections over the workers' sockets."""
+    with booted("transformers:Gate", module_target, workers=2) as server:
+        workers = set(server.worker_pids())
+        deadline = time.monotonic() + TIMEOUT  # healthy once the first worker listens
+        while len(holders := listening_sockets(server.port)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(map(sorted, holders.values())) == sorted([pid] for pid in workers)
+        conns = [connect(server) for _ in range(16)]  # all on one worker: p = 2 ** -15
+        try:
+            answered_by = set()
+            for conn in conns:
+                conn.request("PUT", "/o", body=b"x")
+                with conn.getresponse() as resp:
+                    answered_by.add(int(resp.read().split(b":")[0]))
+        finally:
+            for conn in conns:
+                conn.close()
+        assert "on a socket per worker (SO_REUSEPORT)" in server.log()
+    assert answered_by == workers
+
+
+def test_workers_share_one_socket_with_reuse_port_off(module_target: FakeTarget):
+    with booted("transformers:Upper", module_target, workers=2, ETL_REUSE_PORT="0") as server:
+        assert request(server, "PUT", "/o", b"x")[0::2] == (200, b"X")
+        holders = listening_sockets(server.port)
+        assert len(holders) == 1  # gunicorn's master bound it; the workers inherited it
+        [pids] = holders.values()
+        assert set(server.worker_pids()) <= pids
+        assert "on one socket shared by the workers (ETL_REUSE_PORT is off)" in server.log()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gunicorn.config import Config
 
 from etl_wsgi import gunicorn_hooks
 from etl_wsgi.config import Settings
@@ -21,6 +23,7 @@ from etl_wsgi.gunicorn_hooks import (
     GunicornLogger,
     JsonFormatter,
     RedactingFormatter,
+    balance_listeners,
     child_exit,
     config_values,
     configure_logging,
@@ -78,6 +81,7 @@ def test_config_values_defaults(clean_env) -> None:
     assert values["control_socket_disable"] is True
     assert "control_socket" not in values
     assert values["limit_request_line"] == 8190
+    assert values["reuse_port"] is True
 
 
 def test_config_values_from_environment(clean_env) -> None:
@@ -89,6 +93,7 @@ def test_config_values_from_environment(clean_env) -> None:
     clean_env.setenv("ETL_GRACEFUL_TIMEOUT", "5")
     clean_env.setenv("ETL_LOG_LEVEL", "debug")
     clean_env.setenv("ETL_CONTROL_SOCKET", "/run/etl/gunicorn.ctl")
+    clean_env.setenv("ETL_REUSE_PORT", "off")
     values = config_values()
     assert values["bind"] == ["fd://3"]
     assert values["workers"] == 5
@@ -97,6 +102,7 @@ def test_config_values_from_environment(clean_env) -> None:
     assert values["loglevel"] == "debug"
     assert values["control_socket"] == "/run/etl/gunicorn.ctl"
     assert "control_socket_disable" not in values
+    assert values["reuse_port"] is False
 
 
 def test_config_values_do_not_need_the_target_url(clean_env) -> None:
@@ -151,6 +157,78 @@ def test_on_starting_configures_the_process(clean_env, restore_process_state, ca
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     assert "3 gevent worker(s) x 1000 connections" in caplog.text
     assert "metrics /" in caplog.text
+
+
+# --- balance_listeners: a socket per worker (SO_REUSEPORT) where it balances ----------------
+
+
+def gunicorn_config(bind: str, workers: int = 2, reuse_port: bool = True) -> Config:
+    cfg = Config()
+    cfg.set("bind", [bind])
+    cfg.set("workers", workers)
+    cfg.set("reuse_port", reuse_port)
+    return cfg
+
+
+@pytest.fixture
+def free_port() -> Iterator[int]:
+    """A port held like etl_wsgi.testing holds it: bound with SO_REUSEPORT, not listening."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_reuse_port_stays_on_for_several_workers_on_a_fixed_port(free_port: int) -> None:
+    cfg = gunicorn_config(f"127.0.0.1:{free_port}")
+    assert balance_listeners(cfg) == ""
+    assert cfg.reuse_port is True
+
+
+@pytest.mark.parametrize(
+    ("bind", "workers", "reason"),
+    [
+        ("127.0.0.1:8000", 1, "one worker"),
+        ("127.0.0.1:0", 2, "port 0"),
+        ("unix:/tmp/etl.sock", 2, "is not HOST:PORT"),
+        ("fd://3", 2, "is not HOST:PORT"),
+    ],
+)
+def test_reuse_port_is_turned_off_where_it_cannot_balance(
+    bind: str, workers: int, reason: str
+) -> None:
+    cfg = gunicorn_config(bind, workers)
+    assert reason in balance_listeners(cfg)
+    assert cfg.reuse_port is False  # gunicorn's master binds one shared socket, as before
+
+
+def test_reuse_port_is_off_when_another_program_holds_the_port() -> None:
+    """Without SO_REUSEPORT the holder keeps the port: gunicorn's own bind reports it."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        cfg = gunicorn_config(f"127.0.0.1:{port}")
+        reason = balance_listeners(cfg)
+    assert reason.startswith(f"cannot bind 127.0.0.1:{port} with SO_REUSEPORT: ")
+    assert cfg.reuse_port is False
+
+
+def test_reuse_port_off_by_setting_stays_off(free_port: int) -> None:
+    cfg = gunicorn_config(f"127.0.0.1:{free_port}", reuse_port=False)
+    assert balance_listeners(cfg) == "ETL_REUSE_PORT is off"
+    assert cfg.reuse_port is False
+
+
+def test_on_starting_says_how_it_listens(clean_env, restore_process_state, caplog) -> None:
+    clean_env.setenv("AIS_TARGET_URL", TARGET_URL)
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # on_starting exports one: restored
+    arbiter = SimpleNamespace(cfg=gunicorn_config("unix:/tmp/etl.sock"))
+    with caplog.at_level(logging.INFO, logger="etl_wsgi"):
+        on_starting(arbiter)
+    on_exit(None)
+    shared = "listening at unix:/tmp/etl.sock on one socket shared by the workers (bind "
+    assert shared in caplog.text
 
 
 # --- metrics directory (prometheus_client multiprocess mode) -----------------------------------
