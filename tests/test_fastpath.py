@@ -6,10 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 from flask import Flask
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
 
 from etl_wsgi.app import create_app
 from etl_wsgi.extension import ETLExtension
-from etl_wsgi.fastpath import ObjectRoutes
+from etl_wsgi.fastpath import EnvironRequest, ObjectRoutes
 from tests.unit_support import TARGET_URL, clear_settings_env, close_sessions
 
 
@@ -102,3 +104,48 @@ def test_plain_replies_carry_the_blueprints_headers_and_free_the_budget(
     finally:
         close_sessions(direct)
         close_sessions(extension)
+
+
+# --- EnvironRequest: Werkzeug's values, without a Werkzeug Request on the common path ---------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"CONTENT_LENGTH": "0"},
+        {"CONTENT_LENGTH": " 17 "},
+        {"CONTENT_LENGTH": "-3"},
+        {"CONTENT_LENGTH": "x1"},
+        {"CONTENT_LENGTH": "5", "HTTP_TRANSFER_ENCODING": "chunked"},
+        {"CONTENT_LENGTH": "5", "HTTP_TRANSFER_ENCODING": "gzip, Chunked"},
+        {"HTTP_TRANSFER_ENCODING": "gzip"},
+        {"REQUEST_METHOD": "put"},
+        {"QUERY_STRING": "etl_args=a%20b&etl_args=2&etl_fqn=%2Fm%2Fo&x=%ff&y"},
+    ],
+)
+def test_environ_request_answers_as_werkzeug_does(overrides: dict[str, str]) -> None:
+    environ = EnvironBuilder("/b/o", method="PUT").get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ.update(overrides)
+    light, full = EnvironRequest(environ), Request(environ)
+    assert light.method == full.method
+    assert light.content_length == full.content_length
+    assert light.max_content_length is full.max_content_length is None
+    assert list(light.args.items(multi=True)) == list(full.args.items(multi=True))
+    assert light.path == full.path
+
+
+def test_environ_request_builds_a_werkzeug_request_only_when_asked() -> None:
+    environ = EnvironBuilder("/b/o", method="PUT", data=b"abc").get_environ()
+    light = EnvironRequest(environ)
+    assert (light.method, light.content_length) == ("PUT", 3)
+    assert light._full is None
+    assert light.stream.read() == b"abc"
+    assert isinstance(light._full, Request)
+    assert light.full is light._full  # built once
+
+
+def test_a_query_string_still_reaches_the_transform(app: Flask) -> None:
+    reply = app.test_client().put("/b/o?etl_args=%20k%20&etl_args=2&other=1", data=b"x")
+    assert reply.data == b"bytes:x|b/o|k"  # the first value, stripped (PROTOCOL.md 2.4)
