@@ -249,6 +249,12 @@ def test_workers_freeze_their_start_up_objects_out_of_the_gc(module_target: Fake
     assert int(body) > 10_000  # Flask, Werkzeug, gevent, etl_wsgi and the app: far more
 
 
+def test_workers_install_the_reply_and_parsing_patches(module_target: FakeTarget):
+    """post_worker_init: etl_wsgi.reply_writes and etl_wsgi.worker_tuning are in place."""
+    with booted("transformers:WorkerTuned", module_target) as server:
+        assert request(server, "PUT", "/o", b"x")[0::2] == (200, b"peer-verdicts one-send date")
+
+
 # ---- listening sockets: one per worker (SO_REUSEPORT) ------------------------------------------
 
 

@@ -210,6 +210,26 @@ class GcFrozen(ETLServer):
         return str(gc.get_freeze_count()).encode()
 
 
+class WorkerTuned(ETLServer):
+    """Answers which of etl_wsgi's worker patches are in gunicorn (``post_worker_init``)."""
+
+    def transform(self, data, path, etl_args):
+        from gunicorn import util
+        from gunicorn.http import message, wsgi
+
+        from etl_wsgi import reply_writes, worker_tuning
+
+        return " ".join(
+            name
+            for name, installed in (
+                ("peer-verdicts", message._ip_in_allow_list is worker_tuning.ip_in_allow_list),
+                ("one-send", getattr(wsgi.Response, "one_send", False)),
+                ("date", util.http_date is reply_writes.http_date),
+            )
+            if installed
+        ).encode()
+
+
 class MarkedSleep(ETLServer):
     """Writes ``<dir>/started`` then sleeps: ``etl_args`` = ``<dir>,<seconds>``."""
 
