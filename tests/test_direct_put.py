@@ -15,9 +15,11 @@ from requests.adapters import HTTPAdapter
 from etl_wsgi.config import Settings
 from etl_wsgi.direct_put import (
     NO_HIDDEN_RETRIES,
+    ONE_SEND_MAX,
     Attempt,
     CountingIterator,
     DirectPutResult,
+    OneSendConnection,
     build_session,
     deliver,
     interpret_response,
@@ -429,3 +431,53 @@ def test_put_keeps_userinfo_and_a_customised_session(target: FakeTarget) -> None
     first, second = target.requests
     assert first.header("Authorization") == "Basic dXNlcjpwdw=="
     assert (second.path, second.query) == ("/b", [("extra", "1")])
+
+
+# --- OneSendConnection: a small body goes out with its header block --------------------------
+
+
+class RecordingSocket:
+    """Stands in for a connected socket: records every sendall."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def settimeout(self, timeout: object) -> None:
+        pass
+
+
+def sends_of(body: object, **kwargs: object) -> list[bytes]:
+    conn = OneSendConnection("127.0.0.1", 9)
+    sock = RecordingSocket()
+    conn.sock = sock  # type: ignore[assignment]
+    conn.request("PUT", "/v1/o", body=body, headers={"X-A": "1"}, **kwargs)
+    return sock.sent
+
+
+def test_a_small_body_goes_with_its_header_block() -> None:
+    [sent] = sends_of(b"hello")
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"PUT /v1/o HTTP/1.1\r\n")
+    assert b"\r\nContent-Length: 5" in head and b"\r\nX-A: 1" in head
+    assert body == b"hello"
+
+
+def test_other_bodies_go_as_urllib3_sends_them() -> None:
+    assert len(sends_of(b"")) == 1  # no body: the header block alone
+    big = b"x" * (ONE_SEND_MAX + 1)
+    head, body = sends_of(big)
+    assert head.endswith(b"\r\n\r\n") and body == big
+    chunks = sends_of(iter([b"ab", b"cd"]))  # chunked: urllib3's framing, piece by piece
+    assert chunks[1:] == [b"2\r\nab\r\n", b"2\r\ncd\r\n", b"0\r\n\r\n"]
+
+
+def test_the_session_puts_through_one_send_pools() -> None:
+    settings = Settings.from_env({"AIS_TARGET_URL": "http://127.0.0.1:1" + SECRET_PATH})
+    with build_session(settings) as session:
+        pool = session.get_adapter("http://x").poolmanager.connection_from_url("http://x:1/")
+        assert pool.ConnectionCls is OneSendConnection
+        tls = session.get_adapter("https://x").poolmanager.connection_from_url("https://x:1/")
+        assert tls.ConnectionCls is not OneSendConnection  # TLS pools are urllib3's own
