@@ -216,6 +216,30 @@ def test_batched_recorder_writes_when_quiet_or_on_its_timer() -> None:
     assert value(parse(scraped[0].decode()), "etl_requests_total", **OBJ, status="200") == 2
 
 
+def test_batched_histogram_writes_what_observe_would() -> None:
+    """Transform times are batched too: after a flush the buckets and the sum are exactly what
+    prometheus_client's own ``observe`` gives for the same times."""
+    from prometheus_client import generate_latest
+
+    times = [0.0, 0.0004, 0.001, 0.0011, 0.3, 59.9, 61.0, 3600.0]
+    direct = metrics.Recorder("", batched=False)
+    batched = metrics.Recorder("", batched=True, schedule=lambda s, fn: None)
+    busy = batched.start("PUT", "/<path>")  # in flight: nothing is written before the flush
+    for seconds in times:
+        direct.transform_time("buffered", seconds)
+        batched.transform_time("buffered", seconds)
+    pending = parse(generate_latest(batched.registry).decode())
+    assert value(pending, "etl_transform_duration_seconds_count", mode="buffered") == 0
+    busy.finish(200)  # quiet again: written
+    observed = parse(generate_latest(direct.registry).decode())
+    written = parse(generate_latest(batched.registry).decode())
+    histogram = {k: v for k, v in observed.items() if "transform_duration" in k[0]}
+    assert histogram  # buckets, count, sum (and _created)
+    for key, expected in histogram.items():
+        if not key[0].endswith("_created"):
+            assert written[key] == pytest.approx(expected), key
+
+
 # ---- end-to-end: two gunicorn workers ----------------------------------------------------------
 
 
