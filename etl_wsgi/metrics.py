@@ -175,6 +175,8 @@ class Recorder:
         )
         #: Labelled children by (metric, label values): ``labels()`` costs more than ``inc()``.
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        #: Transform-time histogram by mode: its child and, batched, :func:`_histogram_parts`.
+        self._histograms: dict[str, tuple[Any, tuple[Any, list[Any], list[float]] | None]] = {}
         self._batched = gevent_active() if batched is None else batched
         self._schedule = schedule or _spawn_later
         #: Batched mode: increments not written yet, by child; requests in flight here, and
@@ -251,8 +253,14 @@ class Recorder:
         self._settle()
 
     def transform_time(self, mode: str, seconds: float) -> None:
-        child = self._child(self.transform_seconds, mode)
-        parts = _histogram_parts(child) if self._batched else None
+        found = self._histograms.get(mode)
+        if found is None:  # once per mode: the child's parts do not change
+            child = self._child(self.transform_seconds, mode)
+            found = self._histograms[mode] = (
+                child,
+                _histogram_parts(child) if self._batched else None,
+            )
+        child, parts = found
         if parts is None:
             child.observe(seconds)
             return
