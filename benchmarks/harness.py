@@ -338,9 +338,9 @@ class EtlWsgi(Server):
 #: heap. By default glibc gives the heap's free top back to the kernel past 2x the last freed
 #: buffer, and the next buffers fault their pages in again: with 128-256 direct puts of 16 MiB in
 #: flight nginx took 114-153k page faults/s, 0.64-0.76 of a core in the kernel, and was the
-#: bottleneck (etl-wsgi 66-118 req/s; 159 with these settings, nginx 0 faults/s). A target must
-#: not be what a benchmark of ETL servers measures; glibc reads this in nginx's master, its
-#: workers inherit it.
+#: bottleneck (etl-wsgi 66-118 req/s; 153-171 in five runs with these settings, nginx 0
+#: faults/s). A target must not be what a benchmark of ETL servers measures; glibc reads this
+#: in nginx's master, its workers inherit it.
 NGINX_MALLOC_TUNABLES = (
     "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
 )
