@@ -2,8 +2,9 @@
 
 Why an explicit urllib3 policy: a ``requests`` adapter built with no policy retries PUTs three
 times on its own (PROTOCOL.md §9.2 #5), before any backoff, and could re-send a half-consumed
-streaming body.  Here urllib3 never retries (``Retry(total=0)``); :func:`deliver` is the only
-loop, and it knows whether the input can be produced again.
+streaming body.  Here urllib3 never retries (``Retry(total=0)``), nor does the session's plain
+path (:mod:`etl_wsgi.transport`); :func:`deliver` is the only loop, and it knows whether the
+input can be produced again.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ from http import HTTPStatus
 from typing import Any, Union
 
 import requests
-from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3.connection import HTTPConnection
-from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import LocationParseError, MaxRetryError, NewConnectionError
 from urllib3.util.retry import Retry
 
@@ -42,6 +40,7 @@ from etl_wsgi.errors import (
     OutboundTLSError,
 )
 from etl_wsgi.metrics import Recorder
+from etl_wsgi.transport import SessionAdapter
 
 log = logging.getLogger(__name__)
 
@@ -59,63 +58,6 @@ _RETRIED_ERRORS: tuple[type[Exception], ...] = (*SYNC_DIRECT_PUT_TRANSIENT_ERROR
 NO_HIDDEN_RETRIES = Retry(total=0, redirect=False, raise_on_status=False)
 
 
-#: Largest request body sent in one piece with its header block (a copy of both is made).
-ONE_SEND_MAX = 256 << 10
-
-
-class OneSendConnection(HTTPConnection):
-    """urllib3's plain-HTTP connection; a request whose body is a small ``bytes`` goes out with
-    its header block in one ``sendall``.
-
-    urllib3 2 sends the header block and the body with two ``sendall`` calls: two system calls
-    and, with ``TCP_NODELAY``, two segments the next hop wakes up for.  Here the header block
-    is held back and joined to the body.  Chunked and larger bodies go as urllib3 sends them.
-    """
-
-    _hold_next = False
-    _held: bytes | None = None
-
-    def request(  # type: ignore[override]
-        self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any
-    ) -> None:
-        self._hold_next = type(body) is bytes and 0 < len(body) <= ONE_SEND_MAX
-        self._held = None
-        try:
-            super().request(method, url, body=body, headers=headers, **kwargs)
-            held = self._held
-        finally:
-            self._hold_next = False
-            self._held = None
-        if held is not None:  # no body followed after all
-            super().send(held)
-
-    def send(self, data: Any) -> None:
-        if self._hold_next:
-            self._hold_next = False
-            self._held = bytes(data)
-            return
-        held = self._held
-        if held is not None:
-            self._held = None
-            data = held + data
-        super().send(data)
-
-
-class OneSendConnectionPool(HTTPConnectionPool):
-    ConnectionCls = OneSendConnection
-
-
-class _Adapter(HTTPAdapter):
-    """requests' adapter whose plain-HTTP pools use :class:`OneSendConnection`."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            **self.poolmanager.pool_classes_by_scheme,
-            "http": OneSendConnectionPool,
-        }
-
-
 def build_session(settings: Settings) -> requests.Session:
     """The worker's outbound session: TLS and token from settings, explicit retry policy, pooling.
 
@@ -124,7 +66,7 @@ def build_session(settings: Settings) -> requests.Session:
     """
     session = requests.Session()
     session.trust_env = False
-    adapter = _Adapter(
+    adapter = SessionAdapter(
         pool_connections=16,
         pool_maxsize=settings.outbound_pool_size,
         max_retries=NO_HIDDEN_RETRIES,

@@ -44,6 +44,7 @@ class Recorded:
     chunked: bool
     at: float = field(default_factory=time.monotonic)
     complete: bool = True  # the body ended as announced (length reached / last chunk seen)
+    peer_port: int = 0  # the client's port: one per TCP connection
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers.items():
@@ -238,6 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body=body,
                 chunked=chunked,
                 complete=self._complete,
+                peer_port=self.client_address[1],
             )
         )
 

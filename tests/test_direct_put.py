@@ -15,11 +15,9 @@ from requests.adapters import HTTPAdapter
 from etl_wsgi.config import Settings
 from etl_wsgi.direct_put import (
     NO_HIDDEN_RETRIES,
-    ONE_SEND_MAX,
     Attempt,
     CountingIterator,
     DirectPutResult,
-    OneSendConnection,
     build_session,
     deliver,
     interpret_response,
@@ -34,6 +32,7 @@ from etl_wsgi.errors import (
 )
 from etl_wsgi.handler import _guard_stream
 from etl_wsgi.protocol import compose_direct_put_url
+from etl_wsgi.transport import ONE_SEND_MAX, OneSendConnection, PlainConnection
 from tests.fake_target import (
     SECRET_PATH,
     CloseAfterBody,
@@ -405,18 +404,17 @@ def test_put_sends_what_session_put_sends(target: FakeTarget, body) -> None:
     def data():
         return CountingIterator(iter([b"ab", b"cd"])) if body == "stream" else body
 
-    with build_session(settings) as session:
+    with build_session(settings) as session, requests.Session() as stock:
         light = put(session, url, data(), headers, TIMEOUT)
         plain = session.put(url, data=data(), headers=headers, timeout=TIMEOUT)
+        stock.headers = session.headers  # requests' own adapter: urllib3 all the way
+        reference = stock.put(url, data=data(), headers=headers, timeout=TIMEOUT)
         assert (light.status_code, light.content) == (plain.status_code, plain.content)
+        assert (light.status_code, light.content) == (reference.status_code, reference.content)
         assert light.raw.isclosed()  # read whole: the connection is back in the pool
-    first, second = target.requests
-    assert (first.raw_path, first.headers, first.body, first.chunked) == (
-        second.raw_path,
-        second.headers,
-        second.body,
-        second.chunked,
-    )
+    first = target.requests[0]
+    wire = [(r.raw_path, r.headers, r.body, r.chunked) for r in target.requests]
+    assert wire[0] == wire[1] == wire[2]
     assert first.header("Authorization") == "Bearer tok3n"
     assert first.body == (b"abcd" if body == "stream" else body)
 
@@ -449,16 +447,17 @@ class RecordingSocket:
         pass
 
 
-def sends_of(body: object, **kwargs: object) -> list[bytes]:
-    conn = OneSendConnection("127.0.0.1", 9)
+def sends_of(body: object, cls: type = OneSendConnection, **kwargs: object) -> list[bytes]:
+    conn = cls("127.0.0.1", 9)
     sock = RecordingSocket()
     conn.sock = sock  # type: ignore[assignment]
     conn.request("PUT", "/v1/o", body=body, headers={"X-A": "1"}, **kwargs)
     return sock.sent
 
 
-def test_a_small_body_goes_with_its_header_block() -> None:
-    [sent] = sends_of(b"hello")
+@pytest.mark.parametrize("cls", [OneSendConnection, PlainConnection])
+def test_a_small_body_goes_with_its_header_block(cls: type) -> None:
+    [sent] = sends_of(b"hello", cls)
     head, _, body = sent.partition(b"\r\n\r\n")
     assert head.startswith(b"PUT /v1/o HTTP/1.1\r\n")
     assert b"\r\nContent-Length: 5" in head and b"\r\nX-A: 1" in head

@@ -1,0 +1,325 @@
+"""The worker session's transport: requests' adapter, and how its requests reach the wire.
+
+Most outbound requests are the buffered direct put (PROTOCOL.md §4): a plain-HTTP ``PUT`` of a
+``bytes`` body whose whole reply is read before we answer.  :class:`SessionAdapter` sends
+those over its own pool of :mod:`http.client` connections, with no urllib3 layer between.
+Everything else goes through urllib3 as ``requests`` sends it: TLS, streamed replies (the
+hpull ``GET``, PROTOCOL.md §2.6), chunked bodies (streaming direct put) and proxies.
+
+Why: on this path urllib3's pool and response layers took over half of a worker's CPU for a
+1 KiB direct put (py-spy: 257 us per ``PUT`` in one process, 150 us through this adapter);
+wrk, direct put with md5 at 64 and 256 connections: 1 KiB 4.8k -> 5.7-6.0k req/s, 64 KiB
+3.8-4.0k -> 4.4-4.6k req/s.
+
+The plain path keeps urllib3's contract where the rest of :mod:`etl_wsgi.direct_put` relies on
+it: no retries of its own, a pooled connection is checked for liveness before it is reused
+(as urllib3 does), failures raise the ``requests`` exceptions urllib3 would have led to, with
+the same chain (a refused connect is ``ConnectionError(MaxRetryError(NewConnectionError))``
+caused by ``ConnectionRefusedError``, PROTOCOL.md §9.2 #1), and a compressed reply is decoded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.cookies import extract_cookies_to_jar
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.response import HTTPResponse
+from urllib3.util.wait import wait_for_read
+
+#: Largest request body sent in one piece with its header block (a copy of both is made).
+ONE_SEND_MAX = 256 << 10
+
+#: Default port of a plain-HTTP URL that names none.
+HTTP_PORT = 80
+
+
+class OneSend:
+    """Mixin for an :mod:`http.client`-style connection: a request whose body is a small
+    ``bytes`` goes out with its header block in one ``send``.
+
+    Both urllib3 2 and :mod:`http.client` send the header block and the body with two
+    ``sendall`` calls: two system calls and, with ``TCP_NODELAY``, two segments the next hop
+    wakes up for.  Here the header block is held back and joined to the body.  Chunked and
+    larger bodies go as the base class sends them.
+    """
+
+    _hold_next = False
+    _held: bytes | None = None
+
+    def request(
+        self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any
+    ) -> None:
+        self._hold_next = type(body) is bytes and 0 < len(body) <= ONE_SEND_MAX
+        self._held = None
+        try:
+            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
+            held = self._held
+        finally:
+            self._hold_next = False
+            self._held = None
+        if held is not None:  # no body followed after all
+            super().send(held)  # type: ignore[misc]
+
+    def send(self, data: Any) -> None:
+        if self._hold_next:
+            self._hold_next = False
+            self._held = bytes(data)
+            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
+        super().send(data)  # type: ignore[misc]
+
+
+class OneSendConnection(OneSend, HTTPConnection):
+    """urllib3's plain-HTTP connection, sending small bodies with their header block."""
+
+
+class OneSendConnectionPool(HTTPConnectionPool):
+    ConnectionCls = OneSendConnection
+
+
+class PlainConnection(OneSend, http.client.HTTPConnection):
+    """The plain path's connection (:mod:`http.client` sets ``TCP_NODELAY`` on connect)."""
+
+    def __str__(self) -> str:  # as urllib3's, quoted in connect errors
+        return f"{type(self).__name__}(host={self.host!r}, port={self.port!r})"
+
+
+class _ReadBody(io.BytesIO):
+    """``Response.raw`` of a plain-path reply: its (already read) body, and the
+    :mod:`http.client` response that ``requests``' cookie handling looks for."""
+
+    def __init__(self, data: bytes, original: http.client.HTTPResponse) -> None:
+        super().__init__(data)
+        self._original_response = original
+
+    def isclosed(self) -> bool:
+        """As urllib3's ``HTTPResponse.isclosed``: the reply was read whole, the connection
+        went back to the pool."""
+        return True
+
+
+class SessionAdapter(HTTPAdapter):
+    """requests' adapter of the worker's session (see the module docstring).
+
+    ``pool_maxsize`` idle connections are kept per host, for the ``pool_connections`` hosts
+    used last, on each of the two paths.  ``max_retries`` applies to the urllib3 path only:
+    the plain path never retries (:data:`etl_wsgi.direct_put.NO_HIDDEN_RETRIES`).
+    """
+
+    def __init__(self, pool_connections: int, pool_maxsize: int, max_retries: Any) -> None:
+        self._init_plain_pool()
+        super().__init__(
+            pool_connections=pool_connections, pool_maxsize=pool_maxsize, max_retries=max_retries
+        )
+
+    def _init_plain_pool(self) -> None:
+        self._idle: OrderedDict[tuple[str, int], list[PlainConnection]] = OrderedDict()
+        self._idle_lock = threading.Lock()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._init_plain_pool()
+        super().__setstate__(state)  # type: ignore[misc]
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            **self.poolmanager.pool_classes_by_scheme,
+            "http": OneSendConnectionPool,
+        }
+
+    def send(  # type: ignore[override]
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
+        url = request.url
+        body = request.body
+        if (
+            stream
+            or proxies
+            or not isinstance(url, str)
+            or not url.startswith("http://")
+            or not (body is None or type(body) is bytes)
+            or not (timeout is None or isinstance(timeout, (tuple, int, float)))
+        ):
+            return super().send(
+                request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
+            )
+        return self._send_plain(request, url, body, timeout)
+
+    def close(self) -> None:
+        super().close()
+        with self._idle_lock:
+            pools = list(self._idle.values())
+            self._idle.clear()
+        for idle in pools:
+            _close_all(idle)
+
+    # --- the plain path ---------------------------------------------------------------------
+
+    def _send_plain(
+        self, request: requests.PreparedRequest, url: str, body: bytes | None, timeout: Any
+    ) -> requests.Response:
+        parts = urlsplit(url)
+        try:
+            host, port = parts.hostname, parts.port or HTTP_PORT
+        except ValueError as exc:  # a port out of range or not a number
+            raise requests.exceptions.InvalidURL(f"Invalid URL {url!r}: {exc}") from exc
+        if not host:
+            raise requests.exceptions.InvalidURL(f"Invalid URL {url!r}: no host supplied")
+        connect_timeout, read_timeout = (
+            timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        )
+        key = (host, port)
+        path = request.path_url
+        conn = self._checkout(key)
+        if conn is None:
+            conn = _connect(host, port, connect_timeout, path)
+        try:
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout)  # sending the body, then waiting for the reply
+            conn.request(request.method or "GET", path, body, request.headers)
+            reply = conn.getresponse()
+            data = reply.read()
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, http.client.InvalidURL):
+                raise requests.exceptions.InvalidURL(str(exc), request=request) from exc
+            if isinstance(exc, TimeoutError):
+                timed_out = ReadTimeoutError(None, path, f"Read timed out. ({exc})")  # type: ignore[arg-type]
+                failure = _failure(host, port, path, timed_out)
+                raise requests.exceptions.ReadTimeout(failure, request=request) from exc
+            if isinstance(exc, (OSError, http.client.HTTPException)):
+                failure = _failure(host, port, path, ProtocolError("Connection aborted.", exc))
+                raise requests.ConnectionError(failure, request=request) from exc
+            raise
+        if reply.will_close or conn.sock is None:
+            conn.close()
+        else:
+            self._checkin(key, conn)
+        return self._response(request, url, reply, data)
+
+    def _checkout(self, key: tuple[str, int]) -> PlainConnection | None:
+        """The most recently used idle connection to ``key`` that is still open, if any."""
+        while True:
+            with self._idle_lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                conn = idle.pop()
+            # as urllib3's is_connection_dropped: readable while idle means closed (or garbage)
+            if conn.sock is not None and not wait_for_read(conn.sock, timeout=0.0):
+                return conn
+            conn.close()
+
+    def _checkin(self, key: tuple[str, int], conn: PlainConnection) -> None:
+        evicted: list[PlainConnection] = []
+        with self._idle_lock:
+            idle = self._idle.get(key)
+            if idle is None:
+                idle = self._idle[key] = []
+                while len(self._idle) > self._pool_connections:  # type: ignore[attr-defined]
+                    evicted.extend(self._idle.popitem(last=False)[1])
+            else:
+                self._idle.move_to_end(key)
+            if len(idle) < self._pool_maxsize:  # type: ignore[attr-defined]
+                idle.append(conn)
+            else:
+                evicted.append(conn)
+        _close_all(evicted)
+
+    def _response(
+        self,
+        request: requests.PreparedRequest,
+        url: str,
+        reply: http.client.HTTPResponse,
+        data: bytes,
+    ) -> requests.Response:
+        """A ``requests.Response`` as ``build_response`` makes it, its content already read."""
+        headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+        for name, value in reply.msg.items():
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        coding = headers.get("Content-Encoding")
+        if coding and coding.lower() != "identity":
+            decoded = HTTPResponse(
+                body=io.BytesIO(data), headers=dict(headers), status=reply.status,
+                decode_content=True, preload_content=True,
+            )  # fmt: skip
+            data = decoded.data
+        response = requests.Response()
+        response.status_code = reply.status
+        response.headers = headers
+        response.encoding = get_encoding_from_headers(headers)
+        response.reason = reply.reason
+        response.url = url
+        response.raw = _ReadBody(data, reply)
+        response._content = data
+        response._content_consumed = True  # type: ignore[attr-defined]
+        if "Set-Cookie" in headers:
+            extract_cookies_to_jar(response.cookies, request, response.raw)
+        response.request = request
+        response.connection = self
+        return response
+
+
+def _connect(host: str, port: int, timeout: Any, path: str) -> PlainConnection:
+    """A new connection, failures raised as ``requests`` raises urllib3's."""
+    conn = PlainConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+    except UnicodeError as exc:  # a host name IDNA cannot encode: a label empty or too long
+        conn.close()
+        raise requests.exceptions.InvalidURL(f"Invalid host {host!r}: {exc}") from exc
+    except TimeoutError as exc:
+        conn.close()
+        message = f"Connection to {host} timed out. (connect timeout={timeout})"
+        timed_out = ConnectTimeoutError(conn, message)
+        raise requests.exceptions.ConnectTimeout(_failure(host, port, path, timed_out)) from exc
+    except OSError as exc:
+        conn.close()
+        if isinstance(exc, socket.gaierror):
+            error: NewConnectionError = NameResolutionError(host, conn, exc)  # type: ignore[arg-type]
+        else:
+            message = f"Failed to establish a new connection: {exc}"
+            error = NewConnectionError(conn, message)  # type: ignore[arg-type]
+        error.__cause__ = exc
+        raise requests.ConnectionError(_failure(host, port, path, error)) from exc
+    return conn
+
+
+def _failure(host: str, port: int, path: str, reason: Exception) -> MaxRetryError:
+    """urllib3's error for a request that failed with no retries left: its message names the
+    pool (host and port) and ``path`` (redacted before it reaches a log or a reply)."""
+    return MaxRetryError(HTTPConnectionPool(host, port), path, reason)
+
+
+def _close_all(conns: list[PlainConnection]) -> None:
+    for conn in conns:
+        conn.close()
