@@ -13,13 +13,15 @@ wrk, direct put with md5 at 64 and 256 connections: 1 KiB 4.8k -> 5.7-6.0k req/s
 
 The plain path keeps urllib3's contract where the rest of :mod:`etl_wsgi.direct_put` relies on
 it: no retries of its own, a pooled connection is checked for liveness before it is reused
-(as urllib3 does), failures raise the ``requests`` exceptions urllib3 would have led to, with
+(as urllib3 does), a reply sent before the whole body was read is still read (as urllib3
+does), failures raise the ``requests`` exceptions urllib3 would have led to, with
 the same chain (a refused connect is ``ConnectionError(MaxRetryError(NewConnectionError))``
 caused by ``ConnectionRefusedError``, PROTOCOL.md §9.2 #1), and a compressed reply is decoded.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import io
 import socket
@@ -51,6 +53,10 @@ ONE_SEND_MAX = 256 << 10
 
 #: Default port of a plain-HTTP URL that names none.
 HTTP_PORT = 80
+
+#: Send errors after which the reply is still read, as urllib3 does: the peer closed (reset)
+#: after answering early (``EPROTOTYPE``: the same on macOS).
+_ANSWERED_EARLY = (errno.ECONNRESET, errno.EPROTOTYPE)
 
 
 class OneSend:
@@ -203,23 +209,15 @@ class SessionAdapter(HTTPAdapter):
         if conn is None:
             conn = _connect(host, port, connect_timeout, path)
         try:
-            assert conn.sock is not None
-            conn.sock.settimeout(read_timeout)  # sending the body, then waiting for the reply
-            conn.request(request.method or "GET", path, body, request.headers)
-            reply = conn.getresponse()
-            data = reply.read()
+            reply, data = _exchange(
+                conn, request.method or "GET", path, body, request.headers, read_timeout
+            )
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, http.client.InvalidURL):
-                raise requests.exceptions.InvalidURL(str(exc), request=request) from exc
-            if isinstance(exc, TimeoutError):
-                timed_out = ReadTimeoutError(None, path, f"Read timed out. ({exc})")  # type: ignore[arg-type]
-                failure = _failure(host, port, path, timed_out)
-                raise requests.exceptions.ReadTimeout(failure, request=request) from exc
-            if isinstance(exc, (OSError, http.client.HTTPException)):
-                failure = _failure(host, port, path, ProtocolError("Connection aborted.", exc))
-                raise requests.ConnectionError(failure, request=request) from exc
-            raise
+            error = _as_requests_error(exc, request, host, port)
+            if error is exc:
+                raise
+            raise error from exc
         if reply.will_close or conn.sock is None:
             conn.close()
         else:
@@ -287,6 +285,47 @@ class SessionAdapter(HTTPAdapter):
         response.request = request
         response.connection = self
         return response
+
+
+def _exchange(
+    conn: PlainConnection,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: Any,
+    read_timeout: Any,
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request on ``conn`` and its whole reply."""
+    assert conn.sock is not None
+    conn.sock.settimeout(read_timeout)  # sending the body, then waiting for the reply
+    try:
+        conn.request(method, path, body, headers)
+    except OSError as exc:
+        # As urllib3: the next hop may answer (413, 401, ...) and close before reading the
+        # whole body; its reply is still there to read.
+        if not isinstance(exc, BrokenPipeError) and exc.errno not in _ANSWERED_EARLY:
+            raise
+    reply = conn.getresponse()
+    return reply, reply.read()
+
+
+def _as_requests_error(
+    exc: BaseException, request: requests.PreparedRequest, host: str, port: int
+) -> BaseException:
+    """What ``requests`` raises when urllib3 meets ``exc`` sending ``request`` or reading its
+    reply, with no retries left; anything else (a greenlet killed, ...) as it is."""
+    path = request.path_url
+    if isinstance(exc, http.client.InvalidURL):
+        return requests.exceptions.InvalidURL(str(exc), request=request)
+    if isinstance(exc, TimeoutError):
+        timed_out = ReadTimeoutError(None, path, f"Read timed out. ({exc})")  # type: ignore[arg-type]
+        return requests.exceptions.ReadTimeout(
+            _failure(host, port, path, timed_out), request=request
+        )
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        aborted = ProtocolError("Connection aborted.", exc)
+        return requests.ConnectionError(_failure(host, port, path, aborted), request=request)
+    return exc
 
 
 def _connect(host: str, port: int, timeout: Any, path: str) -> PlainConnection:

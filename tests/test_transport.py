@@ -93,6 +93,49 @@ class OneRequestPerConnection:
         self.thread.join(5)
 
 
+class AnswersEarly:
+    """Reads only the request's header block, answers 413 and closes: the early reply of a
+    target refusing a body before reading it (the rest of the body meets a reset)."""
+
+    def __init__(self, connections: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, args=(connections,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, connections: int) -> None:
+        for _ in range(connections):
+            conn, _ = self.listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n"
+                    b"Connection: close\r\n\r\ntoo big"
+                )
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_an_early_reply_is_read_as_urllib3_reads_it(session) -> None:
+    """The send of the body fails (broken pipe or reset); the reply is there all the same."""
+    server = AnswersEarly(connections=6)
+    body = b"x" * (8 << 20)  # far more than the socket buffers take
+    try:
+        with requests.Session() as stock:
+            stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
+            for _ in range(3):
+                theirs = stock.put(server.url + "/a", data=body, timeout=TIMEOUT)
+                ours = put(session, server.url + "/a", body, {}, TIMEOUT)
+                assert (ours.status_code, ours.content) == (413, b"too big")
+                assert (theirs.status_code, theirs.content) == (413, b"too big")
+    finally:
+        server.close()
+
+
 def test_an_idle_connection_the_target_closed_is_not_reused(session) -> None:
     """Without urllib3's liveness check the second PUT would go out on the dead socket and
     fail (RemoteDisconnected); with it, a new connection is made and the PUT succeeds."""
