@@ -73,6 +73,10 @@ from harness import (
 
 BENCH_VENV = ROOT / ".bench-venv"
 MIB = 1 << 20
+#: Buffered check: growth may exceed the body by this much. A body of N bytes in one buffer
+#: takes N bytes plus its object header, so one page more (N + 4 KiB), and other allocations
+#: come and go while the request runs: the last runs measured 255.87-256.32 MiB for 256 MiB.
+BUFFERED_SLACK_MIB = 1
 PY_SERVERS = ("etl-wsgi", "ais-flask", "ais-fastapi")
 ALL_SERVERS = (*PY_SERVERS, "raw", "nginx")
 MODES = ("hpush", "hpull", "directput")
@@ -721,10 +725,11 @@ def memory_checks(mem: dict) -> list[dict]:
     for r in mem.get("buffered", []):
         r["growth_per_body"] = (r.get("growth_max_mib") or 0) * MIB / r["bytes"]
         if r["server"] == "etl-wsgi":
-            ok = r["growth_per_body"] <= 1.0 and not r["problems"]
+            allowed = r["bytes"] + BUFFERED_SLACK_MIB * MIB
+            ok = (r.get("growth_max_mib") or 0) * MIB <= allowed and not r["problems"]
             checks.append(
                 {
-                    "check": "buffered RSS growth <= 1x body",
+                    "check": f"buffered RSS growth <= 1x body + {BUFFERED_SLACK_MIB} MiB",
                     "cell": fmt_size(r["bytes"]),
                     "value": r["growth_per_body"],
                     "ok": ok,
