@@ -723,10 +723,10 @@ def memory_checks(mem: dict) -> list[dict]:
             {"check": "streaming peak RSS growth < 64 MiB", "cell": size, "value": growth, "ok": ok}
         )
     for r in mem.get("buffered", []):
-        r["growth_per_body"] = (r.get("growth_max_mib") or 0) * MIB / r["bytes"]
+        growth = (r.get("growth_max_mib") or 0) * MIB
+        r["growth_per_body"] = growth / r["bytes"]
         if r["server"] == "etl-wsgi":
-            allowed = r["bytes"] + BUFFERED_SLACK_MIB * MIB
-            ok = (r.get("growth_max_mib") or 0) * MIB <= allowed and not r["problems"]
+            ok = growth <= r["bytes"] + BUFFERED_SLACK_MIB * MIB and not r["problems"]
             checks.append(
                 {
                     "check": f"buffered RSS growth <= 1x body + {BUFFERED_SLACK_MIB} MiB",

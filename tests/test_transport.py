@@ -62,19 +62,21 @@ def test_a_reply_that_closes_is_not_pooled(session, target: FakeTarget) -> None:
 
 
 class OneRequestPerConnection:
-    """Answers one request per connection, keep-alive announced, then closes it: the idle
-    pooled connection a target dropped.  ``closed`` is set once the server side closed."""
+    """A raw server: on each of ``connections`` connections it reads one request's header
+    block (and its body, if ``read_body``), sends ``reply`` as it is, and closes.  ``closed``
+    is set once the server side closed a connection; ``accepted`` counts connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, connections: int, reply: bytes, read_body: bool = True) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.closed = threading.Event()
         self.accepted = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        args = (connections, reply, read_body)
+        self.thread = threading.Thread(target=self._serve, args=args, daemon=True)
         self.thread.start()
 
-    def _serve(self) -> None:
-        for _ in range(2):  # bounded: the test makes two connections
+    def _serve(self, connections: int, reply: bytes, read_body: bool) -> None:
+        for _ in range(connections):  # bounded: as many as the test makes
             conn, _ = self.listener.accept()
             self.accepted += 1
             with conn:
@@ -82,10 +84,11 @@ class OneRequestPerConnection:
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
                 head, _, body = data.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(body) < length:
-                    body += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if read_body:
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                conn.sendall(reply)
             self.closed.set()
 
     def close(self) -> None:
@@ -93,36 +96,18 @@ class OneRequestPerConnection:
         self.thread.join(5)
 
 
-class AnswersEarly:
-    """Reads only the request's header block, answers 413 and closes: the early reply of a
-    target refusing a body before reading it (the rest of the body meets a reset)."""
-
-    def __init__(self, connections: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._serve, args=(connections,), daemon=True)
-        self.thread.start()
-
-    def _serve(self, connections: int) -> None:
-        for _ in range(connections):
-            conn, _ = self.listener.accept()
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n"
-                    b"Connection: close\r\n\r\ntoo big"
-                )
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
+#: Keep-alive announced, then the connection closed: the idle pooled connection a target dropped.
+OK_THEN_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+#: Sent after the header block alone: a target refusing a body before reading it (the rest of
+#: the body meets a reset).
+EARLY_413 = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntoo big"
+)
 
 
 def test_an_early_reply_is_read_as_urllib3_reads_it(session) -> None:
     """The send of the body fails (broken pipe or reset); the reply is there all the same."""
-    server = AnswersEarly(connections=6)
+    server = OneRequestPerConnection(6, EARLY_413, read_body=False)
     body = b"x" * (8 << 20)  # far more than the socket buffers take
     try:
         with requests.Session() as stock:
@@ -139,7 +124,7 @@ def test_an_early_reply_is_read_as_urllib3_reads_it(session) -> None:
 def test_an_idle_connection_the_target_closed_is_not_reused(session) -> None:
     """Without urllib3's liveness check the second PUT would go out on the dead socket and
     fail (RemoteDisconnected); with it, a new connection is made and the PUT succeeds."""
-    server = OneRequestPerConnection()
+    server = OneRequestPerConnection(2, OK_THEN_CLOSE)
     try:
         assert put(session, server.url + "/a", b"1", {}, TIMEOUT).content == b"ok"
         assert server.closed.wait(5)
