@@ -137,14 +137,6 @@ class InlineGate:
     256 connections: 8.3-9.1k req/s against 10.8-11.4k with preemption not counted).  A call
     run inline that holds the loop's thread without using CPU (blocking C code that does not
     yield) is caught by its wall time instead: over ``blocked_seconds`` counts as slow.
-
-    Reading the thread's CPU clock is a system call (``clock_gettime`` has no vDSO path for
-    it), the wall clock is not; timing every inline call with the CPU clock cost 3% of the
-    req/s (wrk, hpush md5 64 KiB, 256 connections).  So an inline call is timed by the wall
-    clock alone unless :meth:`wants_cpu_clock`: within ``max_seconds`` of wall time it is
-    cheap (it cannot have used more CPU than that); over it, it was slow or preempted, and the
-    next ``streak`` calls are timed in CPU time as well, to tell which.  A site that turns
-    slow on every input thus holds the loop for two calls, not one, before it goes back.
     """
 
     def __init__(
@@ -164,7 +156,6 @@ class InlineGate:
         self.clock = clock
         self._fast = 0
         self._slow_until = 0.0
-        self._cpu_checks = 0  # inline calls still to time by the thread's CPU clock
 
     def judged(self, size: int | None) -> bool:
         return size is not None and size <= self.max_bytes
@@ -176,21 +167,9 @@ class InlineGate:
             and (not self._slow_until or self.clock() >= self._slow_until)
         )
 
-    def wants_cpu_clock(self) -> bool:
-        """Time the next inline call by the thread's CPU clock too (:meth:`observe_inline`)."""
-        return self._cpu_checks > 0
-
     def observe_inline(self, cpu_seconds: float, wall_seconds: float) -> None:
         """One call ran inline: its CPU time counts, unless it held the thread too long."""
-        self._cpu_checks = max(0, self._cpu_checks - 1)
         self.observe(cpu_seconds if wall_seconds <= self.blocked_seconds else wall_seconds)
-
-    def observe_wall(self, wall_seconds: float) -> None:
-        """One call ran inline, timed by the wall clock only: an upper bound of its CPU time."""
-        if self.max_seconds < wall_seconds <= self.blocked_seconds:
-            self._cpu_checks = self.streak  # slow, or preempted: the CPU clock tells, next calls
-        else:
-            self.observe(wall_seconds)
 
     def observe(self, seconds: float) -> None:
         if seconds <= self.max_seconds:
@@ -253,17 +232,11 @@ class Executor:
         gate = self.gate(site) if self.mode == "auto" else None
         if gate is not None and gate.inline(size):
             _yield()
-            if gate.wants_cpu_clock():
-                started, cpu = time.perf_counter(), time.thread_time()
-                try:
-                    return fn(*args)
-                finally:
-                    gate.observe_inline(time.thread_time() - cpu, time.perf_counter() - started)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args)
             finally:
-                gate.observe_wall(time.perf_counter() - started)
+                gate.observe_inline(time.thread_time() - cpu, time.perf_counter() - started)
         pool = self._get_pool()
         self._slots.acquire()
         try:

@@ -276,28 +276,3 @@ def test_inline_gate_counts_cpu_not_preemption_but_catches_a_blocked_thread() ->
     gate.observe_inline(0.0002, 0.051)  # held the thread past blocked_seconds (0.05)
     assert not gate.inline(10)
     assert InlineGate(1000, max_seconds=0.2).blocked_seconds == 0.2  # never below max_seconds
-
-
-def test_inline_gate_times_by_the_wall_clock_and_asks_the_cpu_clock_when_in_doubt() -> None:
-    gate = InlineGate(max_bytes=1000, max_seconds=0.001, streak=2, clock=FakeClock())
-    gate.observe(0)
-    gate.observe(0)
-    assert gate.inline(10) and not gate.wants_cpu_clock()
-    gate.observe_wall(0.001)  # within max_seconds of wall time: cheap whatever the CPU
-    assert gate.inline(10) and not gate.wants_cpu_clock()
-    gate.observe_wall(0.02)  # slow or preempted: not judged, but the next 2 calls say which
-    assert gate.inline(10) and gate.wants_cpu_clock()
-    gate.observe_inline(0.0002, 0.02)  # preempted: cheap in CPU time
-    assert gate.inline(10) and gate.wants_cpu_clock()
-    gate.observe_inline(0.0002, 0.0002)
-    assert gate.inline(10) and not gate.wants_cpu_clock()
-    gate.observe_wall(0.02)
-    gate.observe_inline(0.02, 0.02)  # slow in CPU time too: back to the threads
-    assert not gate.inline(10)
-
-
-def test_inline_gate_wall_time_past_blocked_seconds_convicts_at_once() -> None:
-    gate = InlineGate(max_bytes=1000, max_seconds=0.001, streak=1, clock=FakeClock())
-    gate.observe(0)
-    gate.observe_wall(0.051)
-    assert not gate.inline(10)
