@@ -51,9 +51,6 @@ from urllib3.util.wait import wait_for_read
 #: Largest request body sent in one piece with its header block (a copy of both is made).
 ONE_SEND_MAX = 256 << 10
 
-#: Default port of a plain-HTTP URL that names none.
-HTTP_PORT = 80
-
 #: Send errors after which the reply is still read, as urllib3 does: the peer closed (reset)
 #: after answering early (``EPROTOTYPE``: the same on macOS).
 _ANSWERED_EARLY = (errno.ECONNRESET, errno.EPROTOTYPE)
@@ -195,7 +192,7 @@ class SessionAdapter(HTTPAdapter):
     ) -> requests.Response:
         parts = urlsplit(url)
         try:
-            host, port = parts.hostname, parts.port or HTTP_PORT
+            host, port = parts.hostname, parts.port or http.client.HTTP_PORT
         except ValueError as exc:  # a port out of range or not a number
             raise requests.exceptions.InvalidURL(f"Invalid URL {url!r}: {exc}") from exc
         if not host:
