@@ -350,7 +350,8 @@ class Settings:
         "threads, so CPU-bound or blocking code cannot stall other requests or `/health`; "
         "`inline`: in the request's greenlet; `auto`: in the threads, except inputs of at most "
         "`ETL_INLINE_MAX_BYTES` once 16 such calls in a row took at most "
-        "`ETL_INLINE_MAX_SECONDS` each (one slower call: back to the threads for 30 s).",
+        "`ETL_INLINE_MAX_SECONDS` each (a second slower inline call within 30 s: back to the "
+        "threads for 30 s).",
     )
     inline_max_bytes: int = setting(
         "ETL_INLINE_MAX_BYTES",

@@ -47,14 +47,17 @@ def where(server, body: bytes = b"x", slow: str = "0") -> bytes:
 @pytest.mark.parametrize("slow", ["0.01", "block:0.2"])
 def test_auto_executor_runs_cheap_small_calls_inline(serve, slow: str) -> None:
     """Threads until 16 cheap calls in a row; then small inputs inline, large ones still not;
-    one call that spins the CPU longer than ``ETL_INLINE_MAX_SECONDS``, or holds the loop's
-    thread without CPU (an OS-level sleep), sends the transform back to the threads."""
+    a second call within 30 s that spins the CPU longer than ``ETL_INLINE_MAX_SECONDS``, or
+    holds the loop's thread without CPU (an OS-level sleep), sends the transform back to the
+    threads (the first is forgiven: one outlier may be the kernel's work, not the call's)."""
     server = serve("transformers:WhereAmI", ETL_INLINE_MAX_BYTES="1KiB")  # auto: the default
     assert [where(server) for _ in range(16)] == [b"pool"] * 16
     assert where(server) == b"inline"
     assert where(server, b"x" * 1024) == b"inline"
     assert where(server, b"x" * 1025) == b"pool"
-    assert where(server, slow=slow) == b"inline"  # found slow while inline...
+    assert where(server, slow=slow) == b"inline"  # found slow while inline: forgiven...
+    assert [where(server) for _ in range(3)] == [b"inline"] * 3
+    assert where(server, slow=slow) == b"inline"  # ...but not twice within 30 s...
     assert [where(server) for _ in range(20)] == [b"pool"] * 20  # ...so threads, for 30 s
 
 
