@@ -364,8 +364,9 @@ class Settings:
         "ETL_INLINE_MAX_SECONDS",
         _positive_float,
         0.001,
-        "`auto` executor: a call slower than this (seconds of the thread's CPU) is not cheap; "
-        "it and its site go back to the threads.",
+        "`auto` executor: a call slower than this (seconds of the thread's CPU) is not cheap: "
+        "in the threads it restarts its site's streak; run inline, the second such call within "
+        "30 s sends its site back to the threads.",
     )
     transform_threads: int = setting(
         "ETL_TRANSFORM_THREADS",
