@@ -31,3 +31,6 @@ DRAIN_CHUNK_BYTES = 65536
 BODY_READ_STEP = 1 << 20
 #: Largest buffer allocated up front for a body, whatever ``Content-Length`` claims.
 BODY_PREALLOC_MAX = 64 << 20
+#: Smallest body received into a buffer left unzeroed (``BodySource._receive``): below it
+#: zeroing is cheaper than the ``BufferedReader`` that avoids it.
+BODY_UNZEROED_MIN = 256 << 10

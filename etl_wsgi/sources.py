@@ -23,7 +23,12 @@ import requests
 import urllib3
 
 from etl_wsgi.confine import FqnRoots
-from etl_wsgi.const import BODY_PREALLOC_MAX, BODY_READ_STEP, DRAIN_CHUNK_BYTES
+from etl_wsgi.const import (
+    BODY_PREALLOC_MAX,
+    BODY_READ_STEP,
+    BODY_UNZEROED_MIN,
+    DRAIN_CHUNK_BYTES,
+)
 from etl_wsgi.direct_put import stream_get, tls_error
 from etl_wsgi.errors import (
     BadRequestError,
@@ -266,7 +271,19 @@ class BodySource(Source):
 
     @staticmethod
     def _receive(stream: SocketBody, size: int) -> bytes:
-        """Off gunicorn's socket: received straight into the buffer (no chunk in between)."""
+        """Off gunicorn's socket: received straight into the buffer (no chunk in between).
+
+        From ``BODY_UNZEROED_MIN`` up to ``BODY_PREALLOC_MAX`` the buffer is the ``bytes`` that
+        ``BufferedReader.read(size)`` allocates: CPython leaves it unzeroed and hands the raw
+        stream's ``readinto`` views of it.  Growing a ``BytesIO`` zeroes its new room first:
+        ``memset`` was 7% of a worker's CPU at 16 MiB hpush echo (``perf``).
+        """
+        if BODY_UNZEROED_MIN <= size <= BODY_PREALLOC_MAX:
+            with io.BufferedReader(_RawSocketBody(stream), 1) as reader:
+                data = reader.read(size)
+            if len(data) < size:
+                raise IncompleteBodyError(len(data), size)
+            return data
         out = io.BytesIO()
         got = 0
         while got < size:
@@ -283,6 +300,20 @@ class BodySource(Source):
 
     def open(self) -> IO[bytes]:
         return DrainingReader(self.stream, self.content_length)  # type: ignore[return-value]
+
+
+class _RawSocketBody(io.RawIOBase):
+    """A :class:`SocketBody` as a raw stream, for ``BufferedReader`` (``BodySource._receive``)."""
+
+    def __init__(self, stream: SocketBody) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        return self._stream.readinto(buffer)
 
 
 def unreadable_body(exc: BaseException) -> BadRequestError:

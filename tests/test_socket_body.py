@@ -18,7 +18,8 @@ import pytest
 from gunicorn.http.body import Body, ChunkedReader, LengthReader
 from gunicorn.http.unreader import SocketUnreader
 
-from etl_wsgi.errors import IncompleteBodyError
+from etl_wsgi.const import BODY_UNZEROED_MIN
+from etl_wsgi.errors import BadRequestError, IncompleteBodyError
 from etl_wsgi.socket_body import SocketBody, socket_body
 from etl_wsgi.sources import BodySource, DrainingReader
 from tests.conftest import GunicornServer
@@ -49,9 +50,18 @@ def gunicorn_body(sock: socket.socket, length: int, read_ahead: bytes = b"") -> 
 
 
 @contextmanager
-def sending(sock: socket.socket, data: bytes) -> Iterator[None]:
-    """``sendall(data)`` from a thread: more than a socket pair buffers needs a reader."""
-    sender = threading.Thread(target=sock.sendall, args=(data,))
+def sending(sock: socket.socket, data: bytes, then_close: bool = False) -> Iterator[None]:
+    """``sendall(data)`` from a thread: more than a socket pair buffers needs a reader.
+
+    ``then_close``: shut the sending side down after the data (the peer sees the end).
+    """
+
+    def send() -> None:
+        sock.sendall(data)
+        if then_close:
+            sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
     sender.start()
     try:
         yield
@@ -147,6 +157,42 @@ def test_body_source_reads_a_socket_body_into_one_buffer(pair) -> None:
     raw = socket_body(environ(body))
     with sending(client, payload[5:]):
         assert BodySource(raw, len(payload)).read_all() == payload  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "size", [BODY_UNZEROED_MIN - 1, BODY_UNZEROED_MIN, BODY_UNZEROED_MIN + 1, 3 * MIB + 7]
+)
+def test_both_buffers_hold_exactly_the_body_and_leave_the_next_request(pair, size) -> None:
+    """Below ``BODY_UNZEROED_MIN`` a zeroed ``BytesIO``, from it an unzeroed ``bytes``."""
+    server, client = pair
+    payload = bytes(range(251)) * (size // 251) + b"z" * (size % 251)
+    body = gunicorn_body(server, size, read_ahead=payload[:10])
+    raw = socket_body(environ(body))
+    with sending(client, payload[10:] + NEXT):
+        data = BodySource(raw, size).read_all()  # type: ignore[arg-type]
+    assert type(data) is bytes and data == payload
+    assert raw is not None and raw.remaining == 0 and not body.failed
+    assert body.reader.unreader.read() == NEXT  # gunicorn's to parse
+
+
+@pytest.mark.parametrize("size", [100, BODY_UNZEROED_MIN, 2 * MIB])
+def test_a_socket_body_cut_short_is_incomplete_with_either_buffer(pair, size) -> None:
+    server, client = pair
+    body = gunicorn_body(server, size)
+    cut = pytest.raises(IncompleteBodyError, match=f"{size // 2}.*{size}")
+    with sending(client, b"y" * (size // 2), then_close=True), cut:
+        BodySource(socket_body(environ(body)), size).read_all()  # type: ignore[arg-type]
+    assert body.failed
+
+
+def test_a_socket_error_in_the_unzeroed_buffer_is_a_400_and_marks_failed(pair) -> None:
+    server, client = pair
+    server.settimeout(0.05)
+    body = gunicorn_body(server, 2 * MIB)
+    client.sendall(b"y" * 1000)  # then nothing: the receive times out
+    with pytest.raises(BadRequestError, match="TimeoutError"):
+        BodySource(socket_body(environ(body)), 2 * MIB).read_all()  # type: ignore[arg-type]
+    assert body.failed
 
 
 def test_body_source_of_a_cut_socket_body_is_incomplete(pair) -> None:
