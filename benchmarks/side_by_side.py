@@ -380,6 +380,8 @@ def run_cell(
         cell["cpu_cores_max_process"] = max(per_proc.values(), default=0.0)
     if cell.get("rounds") is not None and 0 < cell["rounds"] < 3:
         cell["notes"].append(f"only {cell['rounds']:.1f} replies per connection")
+    if kind in PY_SERVERS and cell.get("cpu_cores_per_process"):
+        busy_workers_note(cell, args.workers if kind == "etl-wsgi" else args.ais_workers)
     workers_after = sorted(server.worker_pids())
     if not server.alive():
         cell["problems"].append("server process died")
@@ -391,6 +393,23 @@ def run_cell(
     if cell["problems"]:
         cell["log_tail"] = server.log_tail(30)
     return cell
+
+
+#: Cores a worker process uses when it serves some of wrk's connections (idle ones use ~0).
+BUSY_WORKER_CORES = 0.05
+
+
+def busy_workers_note(cell: dict, workers: int) -> None:
+    """Note a cell where fewer of a server's workers did the work than it was started with.
+
+    uvicorn's workers share one listening socket, and which of them accept wrk's connections
+    is down to chance: FastAPI whose four workers ran as two on the two cores was faster
+    than as four (hpush md5 1 KiB, benchmarks/README.md).
+    """
+    per_process = cell["cpu_cores_per_process"].values()
+    busy = sum(1 for cores in per_process if cores > BUSY_WORKER_CORES)
+    if busy < workers:
+        cell["notes"].append(f"{busy} of {workers} workers busy")
 
 
 def print_log_tail(row: dict) -> None:
