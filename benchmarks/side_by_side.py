@@ -78,6 +78,8 @@ MIB = 1 << 20
 #: come and go while the request runs: the last runs measured 255.87-256.32 MiB for 256 MiB.
 BUFFERED_SLACK_MIB = 1
 PY_SERVERS = ("etl-wsgi", "ais-flask", "ais-fastapi")
+#: Cores a worker process uses when it serves some of wrk's connections (idle ones use ~0).
+BUSY_WORKER_CORES = 0.05
 ALL_SERVERS = (*PY_SERVERS, "raw", "nginx")
 MODES = ("hpush", "hpull", "directput")
 TRANSFORMS = ("echo", "md5")
@@ -393,10 +395,6 @@ def run_cell(
     if cell["problems"]:
         cell["log_tail"] = server.log_tail(30)
     return cell
-
-
-#: Cores a worker process uses when it serves some of wrk's connections (idle ones use ~0).
-BUSY_WORKER_CORES = 0.05
 
 
 def busy_workers_note(cell: dict, workers: int) -> None:
