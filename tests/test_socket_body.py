@@ -150,15 +150,6 @@ def test_a_socket_error_marks_failed_and_propagates(pair) -> None:
     assert body.failed
 
 
-def test_body_source_reads_a_socket_body_into_one_buffer(pair) -> None:
-    server, client = pair
-    payload = b"x" * (3 * MIB + 7)
-    body = gunicorn_body(server, len(payload), read_ahead=payload[:5])
-    raw = socket_body(environ(body))
-    with sending(client, payload[5:]):
-        assert BodySource(raw, len(payload)).read_all() == payload  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     "size", [BODY_UNZEROED_MIN - 1, BODY_UNZEROED_MIN, BODY_UNZEROED_MIN + 1, 3 * MIB + 7]
 )
@@ -193,17 +184,6 @@ def test_a_socket_error_in_the_unzeroed_buffer_is_a_400_and_marks_failed(pair) -
     with pytest.raises(BadRequestError, match="TimeoutError"):
         BodySource(socket_body(environ(body)), 2 * MIB).read_all()  # type: ignore[arg-type]
     assert body.failed
-
-
-def test_body_source_of_a_cut_socket_body_is_incomplete(pair) -> None:
-    server, client = pair
-    body = gunicorn_body(server, 100)
-    client.sendall(b"abc")
-    client.shutdown(socket.SHUT_WR)
-    raw = socket_body(environ(body))
-    with pytest.raises(IncompleteBodyError) as info:
-        BodySource(raw, 100).read_all()  # type: ignore[arg-type]
-    assert "3" in str(info.value) and "100" in str(info.value)
 
 
 def test_draining_reader_over_a_socket_body_drains_to_the_next_request(pair) -> None:
