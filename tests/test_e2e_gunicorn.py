@@ -252,7 +252,11 @@ def test_workers_freeze_their_start_up_objects_out_of_the_gc(module_target: Fake
 def test_workers_install_the_reply_and_parsing_patches(module_target: FakeTarget):
     """post_worker_init: etl_wsgi.reply_writes and etl_wsgi.worker_tuning are in place."""
     with booted("transformers:WorkerTuned", module_target) as server:
-        assert request(server, "PUT", "/o", b"x")[0::2] == (200, b"peer-verdicts one-send date")
+        expected = (200, b"peer-verdicts one-send date environ")
+        assert request(server, "PUT", "/o", b"x")[0::2] == expected
+        assert request(server, "PUT", "/o?etl_args=errors-marker-7", b"x")[0::2] == expected
+        log = server.log()  # the shared wsgi.errors still writes to gunicorn's error log
+    assert "errors-marker-7" in log
 
 
 # ---- listening sockets: one per worker (SO_REUSEPORT) ------------------------------------------

@@ -1,12 +1,14 @@
-"""etl_wsgi.worker_tuning: gunicorn's settings as plain attributes, peer verdicts remembered."""
+"""etl_wsgi.worker_tuning: settings as attributes, peer verdicts remembered, base environ shared."""
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Iterator
 
 import pytest
 from gunicorn.config import Config
-from gunicorn.http import message
+from gunicorn.http import message, wsgi
 
 from etl_wsgi import worker_tuning
 from etl_wsgi.worker_tuning import MAX_VERDICTS, freeze_config, ip_in_allow_list
@@ -15,11 +17,13 @@ from etl_wsgi.worker_tuning import MAX_VERDICTS, freeze_config, ip_in_allow_list
 @pytest.fixture
 def restore_gunicorn() -> Iterator[None]:
     """install() patches gunicorn's module: put it back, with an empty cache."""
-    original = message._ip_in_allow_list
-    saved = worker_tuning._original_ip_in_allow_list
+    original, base = message._ip_in_allow_list, wsgi.base_environ
+    saved = worker_tuning._original_ip_in_allow_list, worker_tuning._original_base_environ
+    template = worker_tuning._worker_cfg, worker_tuning._template
     yield
-    message._ip_in_allow_list = original
-    worker_tuning._original_ip_in_allow_list = saved
+    message._ip_in_allow_list, wsgi.base_environ = original, base
+    worker_tuning._original_ip_in_allow_list, worker_tuning._original_base_environ = saved
+    worker_tuning._worker_cfg, worker_tuning._template = template
     worker_tuning._verdicts.clear()
 
 
@@ -98,8 +102,55 @@ def test_the_verdict_cache_is_bounded(restore_gunicorn: None, monkeypatch: pytes
 
 
 def test_install_is_idempotent(restore_gunicorn: None) -> None:
-    gunicorns = message._ip_in_allow_list
+    gunicorns, gunicorns_base = message._ip_in_allow_list, wsgi.base_environ
     worker_tuning.install(Config())
-    worker_tuning.install(Config())
+    second = Config()
+    worker_tuning.install(second)
     assert message._ip_in_allow_list is ip_in_allow_list
     assert worker_tuning._original_ip_in_allow_list is gunicorns
+    assert wsgi.base_environ is worker_tuning.base_environ
+    assert worker_tuning._original_base_environ is gunicorns_base
+    assert isinstance(wsgi.base_environ(second)["wsgi.errors"], worker_tuning.ErrorsStream)
+
+
+def test_the_workers_base_environ_is_gunicorns_made_once(restore_gunicorn: None) -> None:
+    gunicorns = wsgi.base_environ
+    cfg = Config()
+    cfg.set("workers", 3)
+    worker_tuning.install(cfg)
+    first, second = wsgi.base_environ(cfg), wsgi.base_environ(cfg)
+    assert first is not second  # each request may change its own
+    first["REQUEST_METHOD"] = "PUT"
+    assert "REQUEST_METHOD" not in second
+    errors = second["wsgi.errors"]
+    assert isinstance(errors, wsgi.WSGIErrorsWrapper)
+    assert first["wsgi.errors"] is errors  # one per worker, not one per request
+    own = gunicorns(cfg)
+    assert {k: v for k, v in second.items() if k != "wsgi.errors"} == {
+        k: v for k, v in own.items() if k != "wsgi.errors"
+    }
+    assert second["wsgi.multiprocess"] is True
+    other = Config()  # any other configuration: gunicorn's own, a new wrapper each time
+    assert type(wsgi.base_environ(other)["wsgi.errors"]) is wsgi.WSGIErrorsWrapper
+    assert wsgi.base_environ(other)["wsgi.multiprocess"] is False
+
+
+def test_the_shared_errors_stream_writes_to_the_error_logs_current_streams(
+    restore_gunicorn: None,
+) -> None:
+    cfg = Config()
+    cfg.set("errorlog", "/var/log/etl.log")  # not "-": every handler's stream is written to
+    worker_tuning.install(cfg)
+    errors = wsgi.base_environ(cfg)["wsgi.errors"]
+    handler = logging.StreamHandler(io.StringIO())
+    error_log = logging.getLogger("gunicorn.error")
+    error_log.addHandler(handler)
+    try:
+        errors.write("first\n")
+        before = handler.stream
+        handler.setStream(io.StringIO())  # as a log file reopened on USR1
+        errors.write("second\n")
+    finally:
+        error_log.removeHandler(handler)
+    assert before.getvalue() == "first\n"
+    assert handler.stream.getvalue() == "second\n"

@@ -219,12 +219,15 @@ class WorkerTuned(ETLServer):
 
         from etl_wsgi import reply_writes, worker_tuning
 
+        if etl_args:  # write it to the wsgi.errors a request of this worker gets
+            wsgi.base_environ(worker_tuning._worker_cfg)["wsgi.errors"].write(etl_args + "\n")
         return " ".join(
             name
             for name, installed in (
                 ("peer-verdicts", message._ip_in_allow_list is worker_tuning.ip_in_allow_list),
                 ("one-send", getattr(wsgi.Response, "one_send", False)),
                 ("date", util.http_date is reply_writes.http_date),
+                ("environ", wsgi.base_environ is worker_tuning.base_environ),
             )
             if installed
         ).encode()
