@@ -63,6 +63,9 @@ class ErrorsStream(gunicorn_wsgi.WSGIErrorsWrapper):  # type: ignore[misc]
     def streams(self) -> list[Any]:
         return gunicorn_wsgi.WSGIErrorsWrapper(self._cfg).streams  # type: ignore[no-any-return]
 
+    def close(self) -> None:
+        """Not closed by one request: the worker's other requests write here too."""
+
 
 def base_environ(cfg: Any) -> dict[str, Any]:
     """gunicorn's ``base_environ``: for the worker's configuration, a copy of one made once."""

@@ -147,6 +147,8 @@ def test_the_shared_errors_stream_writes_to_the_error_logs_current_streams(
     error_log.addHandler(handler)
     try:
         errors.write("first\n")
+        errors.close()  # by one request's app: the next request's errors still work
+        errors.flush()
         before = handler.stream
         handler.setStream(io.StringIO())  # as a log file reopened on USR1
         errors.write("second\n")
