@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gunicorn.http import message as gunicorn_message
 from gunicorn.http import wsgi as gunicorn_wsgi
 
 #: gunicorn's own ``_ip_in_allow_list``, called on a miss.
@@ -102,22 +103,28 @@ def ip_in_allow_list(ip_str: str, allow_list: Any, networks: Any) -> bool:
     return verdict
 
 
+def _route(module: Any, name: str, ours: Any, original: Any) -> Any:
+    """Put ``ours`` in place of ``module.<name>``; returns gunicorn's own (``original`` when
+    ``ours`` is already there, or when gunicorn has no such name: then nothing changes)."""
+    current = getattr(module, name, None)
+    if current is None or current is ours:
+        return original
+    setattr(module, name, ours)
+    return current
+
+
 def install(cfg: Any) -> None:
     """Freeze ``cfg`` (the worker's), route gunicorn's peer check through the cache and build
     the worker's base environ (idempotent)."""
     global _original_ip_in_allow_list, _original_base_environ, _worker_cfg, _template
-    from gunicorn.http import message
-
     freeze_config(cfg)
-    current_base = getattr(gunicorn_wsgi, "base_environ", None)
-    if current_base is not None:
-        if current_base is not base_environ:
-            _original_base_environ = current_base
-            gunicorn_wsgi.base_environ = base_environ
+    _original_base_environ = _route(
+        gunicorn_wsgi, "base_environ", base_environ, _original_base_environ
+    )
+    if _original_base_environ is not None:
         template = _original_base_environ(cfg)
         template["wsgi.errors"] = ErrorsStream(cfg)
         _worker_cfg, _template = cfg, template
-    current = getattr(message, "_ip_in_allow_list", None)
-    if current is not None and current is not ip_in_allow_list:
-        _original_ip_in_allow_list = current
-        message._ip_in_allow_list = ip_in_allow_list
+    _original_ip_in_allow_list = _route(
+        gunicorn_message, "_ip_in_allow_list", ip_in_allow_list, _original_ip_in_allow_list
+    )
