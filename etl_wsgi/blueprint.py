@@ -21,7 +21,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from etl_wsgi import handler
 from etl_wsgi.const import HEADER_NODE_URL, QPARAM_ETL_ARGS, QPARAM_ETL_FQN
-from etl_wsgi.errors import ETLError, as_etl_error
+from etl_wsgi.errors import USER_CODE_FAILURES, ETLError, as_etl_error
 from etl_wsgi.handler import Reply, handle, http_source
 from etl_wsgi.protocol import ParsedRequest
 from etl_wsgi.socket_body import socket_body
@@ -120,7 +120,7 @@ def object_reply(etl: ETLServer, request: RequestView, path: str) -> Reply | Wer
         return handle(etl, req, source)
     except HTTPException as exc:  # e.g. ClientDisconnected while reading the body: a 400
         return exc.get_response(request.environ)
-    except Exception as exc:
+    except USER_CODE_FAILURES as exc:  # also a user hook's sys.exit(): the worker must live on
         return exception_response(etl, request, exc)
 
 
@@ -195,7 +195,7 @@ class _SocketTakenOver(Response):
         raise ConnectionError("WebSocket session ended")
 
 
-def exception_response(etl: ETLServer, request: RequestView, exc: Exception) -> Response:
+def exception_response(etl: ETLServer, request: RequestView, exc: BaseException) -> Response:
     """Any exception as its reply: typed errors as themselves, anything else as a logged 500."""
     error = as_etl_error(exc)
     return error_response(etl, request, error, exc_info=None if error is exc else exc)

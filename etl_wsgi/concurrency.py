@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from etl_wsgi.errors import ETLError
+from etl_wsgi.errors import USER_CODE_FAILURES, ETLError
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ def _timed_capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool,
 
     ``cpu``: the thread's CPU seconds, what the call would have cost the event loop inline.
     Wall time would also count waits for the GIL, up to the 5 ms switch interval each.
+    A ``SystemExit`` is a value too: raised in a pool thread, it would end that thread and leave
+    the waiting greenlet without a result.
     """
     started = time.thread_time()
     try:
         return True, fn(*args), time.thread_time() - started
-    except Exception as exc:
+    except USER_CODE_FAILURES as exc:
         return False, exc, time.thread_time() - started
 
 

@@ -132,6 +132,24 @@ class TransformError(ETLError):
     status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
+#: What user code may raise and the request flow answers with a 500.  Beyond ``Exception``:
+#: ``sys.exit()`` (``argparse`` calls it on bad ``etl_args``) and ``KeyboardInterrupt``.  Let
+#: through, either ends the gevent worker and every request on it, and exit codes 3 and 4 make
+#: gunicorn's master halt the whole server (PROTOCOL.md §1.1: the server process must never
+#: exit; §9.2 #14).  ``GreenletExit`` and gevent's ``Timeout`` are not here: they cancel requests.
+USER_CODE_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def transform_error(exc: BaseException) -> TransformError:
+    """The 500 for a failure of the user's transform, with its text (``SystemExit: 3``)."""
+    text = str(exc)
+    if not isinstance(exc, Exception):
+        text = f"{type(exc).__name__}: {text}" if text else ""
+    error = TransformError(text or type(exc).__name__)
+    error.__cause__ = exc
+    return error
+
+
 class DirectPutRefusedError(ETLError):
     """The next hop refused the connection: permanent, not retried -> 502 (PROTOCOL.md §4.4)."""
 

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from etl_wsgi import metrics
 from etl_wsgi.const import DEFAULT_MIME_TYPE, HEALTH_BODY
 from etl_wsgi.direct_put import Attempt, CountingIterator, DirectPutResult, deliver
-from etl_wsgi.errors import ETLError, StreamCut, TransformError
+from etl_wsgi.errors import USER_CODE_FAILURES, ETLError, StreamCut, TransformError, transform_error
 from etl_wsgi.metrics import ROUTE_HEALTH, ROUTE_OBJECT, STATUS_ABORTED, Recorder, Track
 from etl_wsgi.protocol import (
     ParsedRequest,
@@ -170,8 +170,8 @@ def _call_transform(etl: ETLServer, req: ParsedRequest, data: bytes | str) -> by
         out = etl.transform(data, req.path, req.etl_args)
     except ETLError:
         raise
-    except Exception as exc:
-        raise TransformError(str(exc) or type(exc).__name__) from exc
+    except USER_CODE_FAILURES as exc:
+        raise transform_error(exc) from exc
     if isinstance(out, bytes):
         return out
     if isinstance(out, (bytearray, memoryview)):
@@ -216,7 +216,9 @@ def _stream_attempt(
     """Open the input afresh and start ``transform_stream`` on it, counting what it yields."""
     reader = source.open()
     try:
-        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args), recorder)
+        output = _guard_stream(
+            lambda: etl.transform_stream(reader, req.path, req.etl_args), recorder
+        )
     except BaseException:
         etl.close_reader(reader)
         raise
@@ -242,7 +244,9 @@ def _stream_reply(
     reader = source.open()
     output: Generator[bytes, None, None] | None = None
     try:
-        output = _guard_stream(etl.transform_stream(reader, req.path, req.etl_args), recorder)
+        output = _guard_stream(
+            lambda: etl.transform_stream(reader, req.path, req.etl_args), recorder
+        )
         first = next(output, None)
     except BaseException:
         if output is not None:
@@ -269,15 +273,18 @@ def _bytes_read(reader: IO[bytes], source: Source) -> int:
 
 
 def _guard_stream(
-    output: Iterable[bytes], recorder: Recorder = metrics.NULL
+    start: Callable[[], Iterable[bytes]], recorder: Recorder = metrics.NULL
 ) -> Generator[bytes, None, None]:
-    """Re-raise failures of the user's stream as :class:`TransformError`; time the stream.
+    """The user's stream (``start()``, called at the first ``next``), its failures re-raised as
+    :class:`TransformError`, however it fails: calling ``transform_stream`` or iterating it; timed.
 
     Needed because the stream is consumed inside ``requests`` during a direct put: an ``OSError``
     from the transform would otherwise look like a network error and be retried.
     """
     started = metrics.clock()
+    output: Iterable[bytes] = ()
     try:
+        output = start()
         for chunk in output:
             if not isinstance(chunk, bytes):
                 if not isinstance(chunk, (bytearray, memoryview)):
@@ -288,8 +295,8 @@ def _guard_stream(
             yield chunk
     except ETLError:
         raise
-    except Exception as exc:
-        raise TransformError(str(exc) or type(exc).__name__) from exc
+    except USER_CODE_FAILURES as exc:
+        raise transform_error(exc) from exc
     finally:
         recorder.transform_time("streaming", metrics.clock() - started)
         close = getattr(output, "close", None)

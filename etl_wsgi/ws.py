@@ -50,7 +50,7 @@ from wsproto.frame_protocol import CloseReason
 
 from etl_wsgi import lifecycle
 from etl_wsgi.const import ETL_WS_ETL_ARGS, ETL_WS_FQN, ETL_WS_PATH, ETL_WS_PIPELINE
-from etl_wsgi.errors import BadRequestError, ETLError, as_etl_error
+from etl_wsgi.errors import USER_CODE_FAILURES, BadRequestError, ETLError, as_etl_error
 from etl_wsgi.handler import Reply, checked_pipeline, handle, log_error, redact
 from etl_wsgi.metrics import ROUTE_WS
 from etl_wsgi.protocol import ParsedRequest
@@ -292,7 +292,7 @@ class WebSocketSession:
                 self._process(task)
             except WebSocketClosed:
                 return
-            except Exception as exc:
+            except USER_CODE_FAILURES as exc:  # also a user hook's sys.exit(): 1011, worker lives
                 self._fail(task, exc)
                 return
             finally:

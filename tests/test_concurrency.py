@@ -17,6 +17,7 @@ from etl_wsgi.concurrency import (
     InlineGate,
     MemoryBudget,
     MemoryBudgetExceeded,
+    _timed_capture,
     gevent_active,
 )
 from etl_wsgi.config import ConfigError, Settings
@@ -42,6 +43,19 @@ def test_executor_propagates_exceptions() -> None:
 
     with pytest.raises(ValueError, match="bad"):
         Executor("thread", 2).run(boom)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), ValueError("bad")])
+def test_pool_call_returns_exits_as_values(exc: BaseException) -> None:
+    """Raised in a pool thread, a ``SystemExit`` would end the thread and leave the waiting
+    greenlet without a result: it comes back as a value, like any failure."""
+
+    def fail() -> None:
+        raise exc
+
+    ok, value, cpu = _timed_capture(fail, ())
+    assert (ok, value) == (False, exc)
+    assert cpu >= 0
 
 
 def test_budget_admits_within_limit_and_releases() -> None:

@@ -271,7 +271,7 @@ def _file_attempts(path, readers: list, fail_after_first: bool = False) -> Calla
     def make() -> Attempt:
         reader = open(path, "rb")
         readers.append(reader)
-        output = _guard_stream(transform(reader))
+        output = _guard_stream(lambda: transform(reader))
         return Attempt(CountingIterator(output), [output.close, reader.close])
 
     return make

@@ -360,6 +360,21 @@ def test_transform_exception_closes_1011_after_earlier_replies(upper: GunicornSe
     assert_connection_works(upper)
 
 
+@pytest.mark.parametrize("app", ["Exits", "ExitsStream"])
+def test_transform_exit_closes_1011_and_the_worker_lives(module_target: FakeTarget, app: str):
+    """``sys.exit(3)`` in a transform: 1011, not a dead worker (gunicorn's master would halt on
+    a worker's exit code 3; PROTOCOL.md §1.1)."""
+    with booted(f"transformers:{app}", module_target) as server:
+        (worker,) = server.worker_pids()
+        with ws_connect(server) as ws:
+            send_task(ws, {"path": "ok"}, b"hello")
+            send_task(ws, {"path": "bad", "etl_args": "3"}, b"hello")
+            assert recv(ws) == (OP_BINARY, b"HELLO")
+            assert expect_close(ws) == (CLOSE_INTERNAL_ERROR, "SystemExit: 3")
+        assert_connection_works(server)
+        assert server.worker_pids() == [worker]
+
+
 def test_next_hop_error_status_closes_1011(upper: GunicornServer, target: FakeTarget):
     target.script = [Reply(500, b"disk on fire")]
     with ws_connect(upper) as ws:

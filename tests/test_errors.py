@@ -18,6 +18,7 @@ from etl_wsgi.errors import (
     TransformError,
     UpstreamNetworkError,
     UpstreamStatusError,
+    transform_error,
 )
 
 
@@ -110,3 +111,18 @@ def test_transient_error_bail_flag_can_be_set_later() -> None:
 def test_transient_error_with_empty_cause_text() -> None:
     err = ETLDirectPutTransientError(URL, ConnectionError())
     assert str(err).endswith("failed with transient error: ConnectionError()")
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (ValueError("bad"), "bad"),
+        (ValueError(), "ValueError"),
+        (SystemExit(3), "SystemExit: 3"),
+        (SystemExit(), "SystemExit"),
+        (KeyboardInterrupt(), "KeyboardInterrupt"),
+    ],
+)
+def test_transform_error_names_exits(exc: BaseException, message: str) -> None:
+    error = transform_error(exc)
+    assert (error.status, error.message, error.__cause__) == (500, message, exc)

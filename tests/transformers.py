@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from etl_wsgi import ETLServer, FlaskServer
 
 
@@ -52,6 +55,41 @@ class StreamFailFirst(ETLServer):
     def transform_stream(self, reader, path, etl_args):
         raise ValueError("bad stream")
         yield b""  # pragma: no cover
+
+
+def _exit_as_asked(etl_args):
+    """What ``Exits*`` do for ``etl_args``: ``sys.exit(N)`` for a number N, ``KeyboardInterrupt``
+    for ``interrupt``, argparse's exit on an unknown option for ``--bogus``; nothing otherwise."""
+    if etl_args == "interrupt":
+        raise KeyboardInterrupt
+    if etl_args.startswith("--"):
+        argparse.ArgumentParser(prog="exits").parse_args(etl_args.split())  # SystemExit(2)
+    if etl_args:
+        sys.exit(int(etl_args))
+
+
+class Exits(ETLServer):
+    """Buffered upper-case, unless ``etl_args`` asks to exit (:func:`_exit_as_asked`)."""
+
+    def transform(self, data, path, etl_args):
+        _exit_as_asked(etl_args)
+        return _read(data).upper()
+
+
+class ExitsStream(ETLServer):
+    """Streaming upper-case (a generator), exiting before its first chunk if asked."""
+
+    def transform_stream(self, reader, path, etl_args):
+        _exit_as_asked(etl_args)
+        yield reader.read().upper()
+
+
+class ExitsStreamCall(ETLServer):
+    """Streaming upper-case from a plain function: exits when called, before any iterator."""
+
+    def transform_stream(self, reader, path, etl_args):
+        _exit_as_asked(etl_args)
+        return iter([reader.read().upper()])
 
 
 class StreamReads3(ETLServer):
