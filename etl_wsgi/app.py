@@ -40,9 +40,8 @@ def resolve_etl(etl: Any = None) -> ETLServer:
 
 
 def _etl_from_settings(settings: Settings) -> str | type[ETLServer]:
-    """``ETL_CLASS`` (an import string) or the class in ``ETL_CLASS_PAYLOAD`` (§8.3)."""
-    if settings.etl_class and settings.etl_class_payload:
-        raise ConfigError("Set only one of ETL_CLASS and ETL_CLASS_PAYLOAD, not both")
+    """``ETL_CLASS`` (an import string) or the class in ``ETL_CLASS_PAYLOAD`` (§8.3); not both
+    (:meth:`Settings.from_env` refuses that)."""
     if settings.etl_class_payload:
         from etl_wsgi.payload import load_class
 

@@ -419,7 +419,7 @@ class Settings:
         "ETL_ACCESS_LOG",
         _strict_bool,
         False,
-        "Truthy: gunicorn writes one access-log line per request to stderr (off: no per-request "
+        "Truthy: gunicorn writes one access-log line per request to stdout (off: no per-request "
         "cost).",
     )
     metrics: bool = setting(
@@ -528,6 +528,8 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}. {meta['doc']}") from None
         settings = cls(**values)
+        if settings.etl_class and settings.etl_class_payload:  # in the master: one line, no worker
+            raise ConfigError("Set only one of ETL_CLASS and ETL_CLASS_PAYLOAD, not both")
         if bool(settings.certfile) != bool(settings.keyfile):
             raise ConfigError(
                 "ETL_CERTFILE and ETL_KEYFILE must be set together (or neither) to serve TLS"

@@ -312,3 +312,10 @@ def test_settings_table_rows() -> None:
     assert "| unset |" in rows["`AIS_AUTHN_TOKEN`"]
     assert "| `0.0.0.0:8000` |" in rows["`ETL_BIND`"]
     assert "(legacy name `AIS_SKIP_VERIFY`)" in rows["`AIS_SKIP_VERIFY_CRT` / `AIS_SKIP_VERIFY`"]
+
+
+def test_class_and_class_payload_together_are_refused() -> None:
+    env = {"ETL_CLASS": "my_etl:Upper", "ETL_CLASS_PAYLOAD": "gASV"}
+    with pytest.raises(ConfigError, match="Set only one of ETL_CLASS and ETL_CLASS_PAYLOAD"):
+        Settings.from_env(env, require_target=False)
+    assert Settings.from_env({"ETL_CLASS": "my_etl:Upper"}, require_target=False).etl_class

@@ -101,6 +101,7 @@ def test_config_and_package_import_stay_light(load: str):
         ({"ETL_KEEPALIVE": "soon"}, "ETL_KEEPALIVE"),
         ({"AIS_TARGET_URL": ""}, "AIS_TARGET_URL"),
         ({"AIS_TARGET_URL": "10.0.0.1:9080"}, "AIS_TARGET_URL"),
+        ({"ETL_CLASS": "my_etl:Upper", "ETL_CLASS_PAYLOAD": "gASV"}, "ETL_CLASS_PAYLOAD"),
     ],
     ids=[
         "retries-negative",
@@ -109,6 +110,7 @@ def test_config_and_package_import_stay_light(load: str):
         "keepalive-abc",
         "target-missing",
         "target-no-scheme",
+        "class-and-payload",
     ],
 )
 def test_bad_setting_fails_start_up(module_target: FakeTarget, env: dict[str, str], name: str):
