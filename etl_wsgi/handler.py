@@ -213,15 +213,10 @@ def reply_from_result(result: DirectPutResult) -> Reply:
 def _stream_attempt(
     etl: ETLServer, req: ParsedRequest, source: Source, recorder: Recorder, track: Track
 ) -> Attempt:
-    """Open the input afresh and start ``transform_stream`` on it, counting what it yields."""
+    """Open the input afresh; ``transform_stream`` on it starts when the put asks for the first
+    chunk (a failure then, even in the call itself, is the guard's ``TransformError``)."""
     reader = source.open()
-    try:
-        output = _guard_stream(
-            lambda: etl.transform_stream(reader, req.path, req.etl_args), recorder
-        )
-    except BaseException:
-        etl.close_reader(reader)
-        raise
+    output = _guard_stream(lambda: etl.transform_stream(reader, req.path, req.etl_args), recorder)
 
     def count_input() -> None:  # the last attempt's input is the object's
         track.bytes_in = _bytes_read(reader, source)
