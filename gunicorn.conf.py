@@ -13,6 +13,7 @@ from etl_wsgi.gunicorn_conf import (  # noqa: F401
     child_exit,
     on_exit,
     on_starting,
+    post_fork,
     post_worker_init,
     when_ready,
     worker_exit,

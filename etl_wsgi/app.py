@@ -17,6 +17,7 @@ from etl_wsgi.base_etl_server import ETLServer
 from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.extension import ETLExtension
 from etl_wsgi.fastpath import ObjectRoutes
+from etl_wsgi.gunicorn_hooks import app_load_error
 
 
 def resolve_etl(etl: Any = None) -> ETLServer:
@@ -25,18 +26,25 @@ def resolve_etl(etl: Any = None) -> ETLServer:
     ``None`` reads the ``ETL_CLASS`` or ``ETL_CLASS_PAYLOAD`` setting.  A string may also name a
     module-level instance.
     """
+    setting = ""  # the setting that named the class, for the error messages
     if etl is None:
         etl = _etl_from_settings(Settings.from_env(require_target=False))
+        setting = "ETL_CLASS" if isinstance(etl, str) else "ETL_CLASS_PAYLOAD"
+    spec = etl
     if isinstance(etl, str):
         try:
             etl = import_string(etl.strip())
         except ImportStringError as exc:
-            raise ConfigError(f"Cannot import ETL class {etl!r}: {exc.exception}") from exc
+            named = f" ({setting})" if setting else ""
+            raise ConfigError(f"Cannot import ETL class {spec!r}{named}: {exc.exception}") from exc
     if isinstance(etl, type) and issubclass(etl, ETLServer):
         return etl()
     if isinstance(etl, ETLServer):
         return etl
-    raise TypeError(f"{etl!r} is not an ETLServer subclass or instance")
+    message = f"{etl!r} is not an ETLServer subclass or instance"
+    if setting:  # a bad setting, reported as one (one line at start-up)
+        raise ConfigError(f"{setting}={spec!r}: {message}")
+    raise TypeError(message)
 
 
 def _etl_from_settings(settings: Settings) -> str | type[ETLServer]:
@@ -62,7 +70,10 @@ def create_app(etl: Any = None) -> Flask:
     """
     from etl_wsgi.flask_server import FlaskServer
 
-    server = resolve_etl(etl)
+    try:
+        server = resolve_etl(etl)
+    except ConfigError as exc:  # a gunicorn worker: one line for the server, not a traceback
+        raise app_load_error(exc) from exc
     if isinstance(server, FlaskServer):
         return server.app
     app = Flask("etl_wsgi", static_folder=None)  # "/static/<path>" would shadow objects

@@ -10,6 +10,7 @@ from etl_wsgi import gunicorn_hooks
 globals().update(gunicorn_hooks.config_values())
 
 on_starting = gunicorn_hooks.on_starting
+post_fork = gunicorn_hooks.post_fork
 post_worker_init = gunicorn_hooks.post_worker_init
 when_ready = gunicorn_hooks.when_ready
 child_exit = gunicorn_hooks.child_exit

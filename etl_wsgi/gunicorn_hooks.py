@@ -26,9 +26,11 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from gunicorn.errors import AppImportError
 from gunicorn.glogging import Logger as _GunicornBaseLogger
 
 from etl_wsgi.config import ConfigError, Settings
@@ -47,6 +49,13 @@ LIVE_GAUGE_MODES = ("liveall", "livemin", "livemax", "livesum", "livemostrecent"
 #: The multiprocess directory of this server, and whether the master created it.
 _metrics_dir = ""
 _metrics_dir_is_private = False
+
+#: This process's gunicorn worker (``post_fork``); ``None`` in the master and outside gunicorn.
+_worker: Any = None
+
+#: How long a worker other than the first, whose app failed to load, waits for the master's
+#: ``SIGTERM`` before reporting the failure itself (:func:`app_load_error`).
+APP_LOAD_REPORT_WAIT = 5.0
 
 
 def _settings(require_target: bool, environ: Mapping[str, str] | None = None) -> Settings:
@@ -312,6 +321,40 @@ def on_exit(server: Any) -> None:
     if _metrics_dir and _metrics_dir_is_private:
         shutil.rmtree(_metrics_dir, ignore_errors=True)
         _metrics_dir = ""
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, right after the fork: remember the worker (:func:`app_load_error`)."""
+    global _worker
+    _worker = worker
+
+
+class AppLoadError(ConfigError, AppImportError):
+    """A bad ``ETL_CLASS`` / ``ETL_CLASS_PAYLOAD`` as gunicorn's "App failed to load": gunicorn
+    prints the message alone (no traceback), the worker exits with code 4 and the master halts."""
+
+
+def app_load_error(exc: ConfigError) -> BaseException:
+    """What ``create_app`` raises for ``exc`` (a bad ``ETL_CLASS``): one line for the server.
+
+    Outside a gunicorn worker (a Flask app, ``--check-config``, tests) ``exc`` itself.  In a
+    worker an :class:`AppLoadError`, reported by the first worker only: when a second worker
+    also exits with code 4 while the master halts, gunicorn raises its ``HaltServer`` again
+    inside the halt and exits with status 1 and a traceback (seen in 3 of 6 starts with two
+    workers).  So a later worker waits for the master's halt to stop it: with ``SIGTERM``'s
+    default action (ending quietly), or at once with status 0 if the ``SIGTERM`` came before
+    (gunicorn's handler only clears ``alive``).  It reports itself only after
+    :data:`APP_LOAD_REPORT_WAIT` seconds: then its load failed alone (a worker spawned later).
+    """
+    worker = _worker
+    if worker is None:
+        return exc
+    if worker.age > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not worker.alive:
+            return SystemExit(0)
+        time.sleep(APP_LOAD_REPORT_WAIT)
+    return AppLoadError(f"etl-wsgi: {exc}")
 
 
 def post_worker_init(worker: Any) -> None:

@@ -133,6 +133,81 @@ def test_bad_setting_fails_start_up(module_target: FakeTarget, env: dict[str, st
     assert "Booting worker" not in log
 
 
+def start_failing(env: dict[str, str], workers: int = 2) -> tuple[int | None, str, float]:
+    """``create_app()`` under gunicorn with ``env``: its exit status, log and seconds taken.
+
+    ``start`` returns if one worker serves before another fails; either way gunicorn must exit.
+    """
+    server = GunicornServer("etl_wsgi.app:create_app()", env, workers=workers)
+    started = time.monotonic()
+    try:
+        try:
+            server.start(timeout=30)
+        except RuntimeError as exc:
+            assert str(exc).startswith("gunicorn exited"), exc
+        assert server.proc is not None
+        status = server.proc.wait(timeout=30)
+        log = server.log()
+    finally:
+        server.stop()
+    return status, log, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        (
+            {"ETL_CLASS": "transformers:Nope"},
+            "Cannot import ETL class 'transformers:Nope' (ETL_CLASS): "
+            "module 'transformers' has no attribute 'Nope'",
+        ),
+        (
+            {"ETL_CLASS": "no_such_module_xyz:X"},
+            "Cannot import ETL class 'no_such_module_xyz:X' (ETL_CLASS): "
+            "No module named 'no_such_module_xyz'",
+        ),
+        (
+            {"ETL_CLASS": "transformers:make_flask_app"},
+            "ETL_CLASS='transformers:make_flask_app': <function make_flask_app",
+        ),
+        # base64 of b"not a pickle": base64 is checked in the master, unpickling in the workers
+        ({"ETL_CLASS_PAYLOAD": "bm90IGEgcGlja2xl"}, "ETL_CLASS_PAYLOAD: cannot unpickle the class"),
+    ],
+    ids=["no-attribute", "no-module", "not-a-class", "payload-not-a-pickle"],
+)
+def test_bad_class_fails_start_up_in_one_line(
+    module_target: FakeTarget, env: dict[str, str], shown: str
+):
+    """Found only when a worker imports it (never in the master): one line for the server,
+    gunicorn's "App failed to load" (status 4), no traceback.  Two workers fail at once: before
+    the fix, in about half of the starts gunicorn's master raised its HaltServer a second time
+    (status 1, a traceback)."""
+    status, log, seconds = start_failing({"AIS_TARGET_URL": module_target.url, **env})
+    assert status == 4, log
+    (line,) = [x for x in log.splitlines() if x.startswith("etl-wsgi: ")]
+    assert line.startswith("etl-wsgi: " + shown), line
+    assert "Traceback" not in log
+    assert "Reason: App failed to load." in log
+    assert seconds < 4  # the second worker did not wait for nothing: the halt stopped it
+
+
+def test_class_failing_in_a_later_worker_alone_stops_the_server(
+    module_target: FakeTarget, tmp_path: Path
+):
+    """The first worker to import ``load_once`` serves; the other fails, waits for a halt that
+    does not come, then reports: the server stops with one line, not a worker restarted forever."""
+    env = {
+        "AIS_TARGET_URL": module_target.url,
+        "ETL_CLASS": "load_once:Upper",
+        "LOAD_ONCE_MARKER": str(tmp_path / "loaded"),
+    }
+    status, log, _ = start_failing(env)
+    assert status == 4, log
+    (line,) = [x for x in log.splitlines() if x.startswith("etl-wsgi: ")]
+    assert "already loaded by another process" in line
+    assert "Traceback" not in log
+
+
 # ---- configuration values ----------------------------------------------------------------------
 
 

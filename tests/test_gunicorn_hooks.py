@@ -443,3 +443,53 @@ def test_when_ready_is_quiet_in_a_clean_master() -> None:
 
 def test_module_logger_name() -> None:
     assert gunicorn_hooks.log.name == "etl_wsgi"
+
+
+# --- a bad ETL_CLASS in a worker (create_app) -----------------------------------------------------
+
+
+@pytest.fixture
+def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """This process as gunicorn worker ``age`` 1 (``post_fork``); SIGTERM's handler restored."""
+    import signal
+
+    worker = SimpleNamespace(age=1, alive=True)
+    monkeypatch.setattr(gunicorn_hooks, "_worker", None)
+    gunicorn_hooks.post_fork(None, worker)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield worker
+    signal.signal(signal.SIGTERM, handler)
+
+
+def test_app_load_error_outside_a_worker_is_the_error_itself(monkeypatch) -> None:
+    from etl_wsgi.config import ConfigError
+
+    monkeypatch.setattr(gunicorn_hooks, "_worker", None)
+    exc = ConfigError("ETL_CLASS: bad")
+    assert gunicorn_hooks.app_load_error(exc) is exc
+
+
+def test_app_load_error_in_the_first_worker_is_gunicorns_app_import_error(as_worker) -> None:
+    from gunicorn.errors import AppImportError
+
+    from etl_wsgi.config import ConfigError
+
+    error = gunicorn_hooks.app_load_error(ConfigError("ETL_CLASS: bad"))
+    assert isinstance(error, ConfigError) and isinstance(error, AppImportError)
+    assert str(error) == "etl-wsgi: ETL_CLASS: bad"  # what gunicorn prints, alone
+
+
+def test_app_load_error_in_a_later_worker_waits_for_the_halt(as_worker, monkeypatch) -> None:
+    import signal
+
+    from etl_wsgi.config import ConfigError
+
+    as_worker.age, as_worker.alive = 2, False  # the master's SIGTERM came first
+    error = gunicorn_hooks.app_load_error(ConfigError("ETL_CLASS: bad"))
+    assert isinstance(error, SystemExit) and error.code == 0  # quietly: the master halts
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a later SIGTERM ends it too
+
+    as_worker.alive = True  # no halt under way: it failed alone, so it reports after the wait
+    monkeypatch.setattr(gunicorn_hooks, "APP_LOAD_REPORT_WAIT", 0.0)
+    error = gunicorn_hooks.app_load_error(ConfigError("ETL_CLASS: bad"))
+    assert isinstance(error, ConfigError) and str(error) == "etl-wsgi: ETL_CLASS: bad"
