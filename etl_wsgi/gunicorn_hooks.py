@@ -337,8 +337,9 @@ class AppLoadError(ConfigError, AppImportError):
 def app_load_error(exc: ConfigError) -> BaseException:
     """What ``create_app`` raises for ``exc`` (a bad ``ETL_CLASS``): one line for the server.
 
-    Outside a gunicorn worker (a Flask app, ``--check-config``, tests) ``exc`` itself.  In a
-    worker an :class:`AppLoadError`, reported by the first worker only: when a second worker
+    Outside a gunicorn worker's boot (a Flask app, ``--check-config``, tests, an app of the
+    user's calling ``create_app`` once serving) ``exc`` itself.  While a worker loads the app an
+    :class:`AppLoadError`, reported by the first worker only: when a second worker
     also exits with code 4 while the master halts, gunicorn raises its ``HaltServer`` again
     inside the halt and exits with status 1 and a traceback (seen in 3 of 6 starts with two
     workers).  So a later worker waits for the master's halt to stop it: with ``SIGTERM``'s
@@ -347,7 +348,7 @@ def app_load_error(exc: ConfigError) -> BaseException:
     :data:`APP_LOAD_REPORT_WAIT` seconds: then its load failed alone (a worker spawned later).
     """
     worker = _worker
-    if worker is None:
+    if worker is None or worker.booted:
         return exc
     if worker.age > 1:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

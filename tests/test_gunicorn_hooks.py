@@ -453,7 +453,7 @@ def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """This process as gunicorn worker ``age`` 1 (``post_fork``); SIGTERM's handler restored."""
     import signal
 
-    worker = SimpleNamespace(age=1, alive=True)
+    worker = SimpleNamespace(age=1, alive=True, booted=False)
     monkeypatch.setattr(gunicorn_hooks, "_worker", None)
     gunicorn_hooks.post_fork(None, worker)
     handler = signal.getsignal(signal.SIGTERM)
@@ -467,6 +467,19 @@ def test_app_load_error_outside_a_worker_is_the_error_itself(monkeypatch) -> Non
     monkeypatch.setattr(gunicorn_hooks, "_worker", None)
     exc = ConfigError("ETL_CLASS: bad")
     assert gunicorn_hooks.app_load_error(exc) is exc
+
+
+def test_app_load_error_after_the_boot_is_the_error_itself(as_worker) -> None:
+    """``create_app`` called by a serving worker (an app of the user's): no wait, SIGTERM kept."""
+    import signal
+
+    from etl_wsgi.config import ConfigError
+
+    as_worker.age, as_worker.booted = 2, True
+    handler = signal.getsignal(signal.SIGTERM)
+    exc = ConfigError("ETL_CLASS: bad")
+    assert gunicorn_hooks.app_load_error(exc) is exc
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_app_load_error_in_the_first_worker_is_gunicorns_app_import_error(as_worker) -> None:
