@@ -68,7 +68,9 @@ from harness import (
     rss_snapshot,
     run_wrk,
     src_uname,
+    steal_seconds,
     wait_idle,
+    wait_memory_handed_back,
 )
 
 BENCH_VENV = ROOT / ".bench-venv"
@@ -359,9 +361,11 @@ def run_cell(
     cell["loadavg_before"] = os.getloadavg()[0]
     before = ctx.target.counters()
     cpu_before = {pid: cpu_seconds([pid]) for pid in pids}
+    steal_before = steal_seconds()
     res = run_wrk(
         script, server.url, sargs, conns, seconds, threads=args.wrk_threads, timeout_s=args.timeout
     )
+    steal = steal_seconds() - steal_before
     after = ctx.target.counters()
     cpu = {pid: cpu_seconds([pid]) - t for pid, t in cpu_before.items()}
     if before and after and mode != "hpush":
@@ -380,6 +384,7 @@ def run_cell(
         cell["cpu_cores_per_process"] = per_proc
         cell["cpu_cores"] = sum(per_proc.values())
         cell["cpu_cores_max_process"] = max(per_proc.values(), default=0.0)
+    note_steal(cell, steal)
     if cell.get("rounds") is not None and 0 < cell["rounds"] < 3:
         cell["notes"].append(f"only {cell['rounds']:.1f} replies per connection")
     if kind in PY_SERVERS and cell.get("cpu_cores_per_process"):
@@ -395,6 +400,14 @@ def run_cell(
     if cell["problems"]:
         cell["log_tail"] = server.log_tail(30)
     return cell
+
+
+def note_steal(cell: dict, steal: float) -> None:
+    """The CPU the hypervisor took during the cell, noted when it is a twentieth of a core."""
+    if cell.get("duration_s"):
+        cell["steal_cores"] = steal / cell["duration_s"]
+        if cell["steal_cores"] >= 0.05:
+            cell["notes"].append(f"VM steal {cell['steal_cores']:.2f} cores")
 
 
 def busy_workers_note(cell: dict, workers: int) -> None:
@@ -474,6 +487,7 @@ def run_group(ctx: Context, kinds: list[str], mode: str, transform: str, size: i
     assert ctx.target is not None
     cells: list[dict] = []
     servers: dict[str, Server] = {}
+    handback = wait_memory_handed_back(ctx.args.settle_max)  # the last group's freed memory
     try:
         for kind in kinds:
             if runs_in(kind, mode):
@@ -489,6 +503,7 @@ def run_group(ctx: Context, kinds: list[str], mode: str, transform: str, size: i
             for kind in active:
                 warm = conns == conns_list[0]  # the next cells find the server warm
                 cell = run_cell(ctx, servers[kind], kind, mode, transform, size, conns, warm)
+                cell["handback_wait_s"] = handback
                 print_cell(cell)
                 cells.append(cell)
     finally:
@@ -909,7 +924,9 @@ TABLE_LEGEND = (
     "fake target accepted during the cell (nginx stub_status; a pooled server opens them "
     "once, during warm-up; nginx's own kept-alive connections to its internal empty-200 "
     "answerer may add a few). nginx rows: wrk straight to the fake target (its ceiling). "
-    "s: measured seconds; replies/conn: replies per connection in the cell.\n"
+    's: measured seconds; replies/conn: replies per connection in the cell. "VM steal": CPU '
+    "the hypervisor took during the cell (/proc/stat), noted from 0.05 cores; each group "
+    "starts once the VM has handed the memory freed by the previous one back to its host.\n"
 )
 
 
