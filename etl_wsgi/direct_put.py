@@ -124,6 +124,11 @@ def stream_get(
     the request goes straight to the session's adapter with the session's headers (the
     token).  wrk 1 KiB hpull: 5.2-5.4k req/s against 3.7-4.1k.  A customised session goes
     through ``session.get``.  Unlike ``session.get``, cookies a target sets are not kept.
+
+    The caller reads the reply through ``resp.raw`` only (:class:`etl_wsgi.sources.ResponseReader`),
+    so our adapter sends a plain-HTTP GET over its :mod:`http.client` pool
+    (:meth:`SessionAdapter.get_raw`); another adapter mounted on the session gets it as
+    ``session.get`` would send it.
     """
     if _customised(session):
         return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
@@ -131,6 +136,10 @@ def stream_get(
     req.method = "GET"
     req.url = url
     req.headers = CaseInsensitiveDict(session.headers)  # type: ignore[arg-type]
+    adapter = session.get_adapter(url)
+    if isinstance(adapter, SessionAdapter):
+        verify = True if session.verify is None else session.verify
+        return adapter.get_raw(req, timeout=timeout, verify=verify, cert=session.cert)
     return _send(session, req, timeout, stream=True)
 
 

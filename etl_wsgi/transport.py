@@ -1,15 +1,20 @@
 """The worker session's transport: requests' adapter, and how its requests reach the wire.
 
-Most outbound requests are the buffered direct put (PROTOCOL.md §4): a plain-HTTP ``PUT`` of a
-``bytes`` body whose whole reply is read before we answer.  :class:`SessionAdapter` sends
-those over its own pool of :mod:`http.client` connections, with no urllib3 layer between.
-Everything else goes through urllib3 as ``requests`` sends it: TLS, streamed replies (the
-hpull ``GET``, PROTOCOL.md §2.6), chunked bodies (streaming direct put) and proxies.
+Most outbound requests are the buffered direct put (PROTOCOL.md §4), a plain-HTTP ``PUT`` of a
+``bytes`` body whose whole reply is read before we answer, and the hpull ``GET`` back to the
+target (PROTOCOL.md §2.6), whose reply is read through ``Response.raw`` alone.
+:class:`SessionAdapter` sends both over its own pool of :mod:`http.client` connections, with
+no urllib3 layer between (the ``GET`` through :meth:`SessionAdapter.get_raw`).  Everything
+else goes through urllib3 as ``requests`` sends it: TLS, other streamed requests (a user's
+``session.get(..., stream=True)``, whose ``iter_content`` decodes), chunked bodies (streaming
+direct put) and proxies.
 
 Why: CPU per 1 KiB ``PUT``, timed in one process under gevent: 256 us through requests and
 urllib3's pool and response layers, 195-205 us through this adapter (28 us of it urllib3's
 liveness check, kept), 82 us for :mod:`http.client` alone.  wrk, direct put with md5, A/B in
-one run: 1 KiB 4.78-4.82k -> 6.03-6.15k req/s, 64 KiB 3.83-3.92k -> 4.17-4.72k.
+one run: 1 KiB 4.78-4.82k -> 6.03-6.15k req/s, 64 KiB 3.83-3.92k -> 4.17-4.72k.  CPU per
+1 KiB hpull ``GET`` read whole (``UpstreamSource``), one gevent process against nginx:
+341-353 us through urllib3's streamed response, 121-124 us for :mod:`http.client` alone.
 
 The plain path keeps urllib3's contract where the rest of :mod:`etl_wsgi.direct_put` relies on
 it: no retries of its own, a pooled connection is checked for liveness before it is reused
@@ -17,6 +22,10 @@ it: no retries of its own, a pooled connection is checked for liveness before it
 does), failures raise the ``requests`` exceptions urllib3 would have led to, with
 the same chain (a refused connect is ``ConnectionError(MaxRetryError(NewConnectionError))``
 caused by ``ConnectionRefusedError``, PROTOCOL.md §9.2 #1), and a compressed reply is decoded.
+A streamed reply's ``raw`` reads as urllib3's does under ``requests``: undecoded, a failure
+while reading raised as urllib3's ``ProtocolError`` / ``ReadTimeoutError`` (a body shorter
+than its ``Content-Length`` too), ``length_remaining``; its connection goes back to the pool
+once the body is read to its end, and is closed if the reply is closed before that.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import io
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +49,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    IncompleteRead,
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
@@ -124,6 +135,97 @@ class _ReadBody(io.BytesIO):
         return True
 
 
+class _StreamedBody(io.RawIOBase):
+    """``Response.raw`` of a streamed plain-path reply (:meth:`SessionAdapter.get_raw`).
+
+    Reads the body off the connection as urllib3's raw response does under ``requests``
+    (undecoded).  Read to its end, the body hands the connection to ``done`` (the pool), or
+    closes it when the reply said it would close; closed before that, or failed, the
+    connection is closed: it is mid-reply.
+    """
+
+    def __init__(
+        self,
+        reply: http.client.HTTPResponse,
+        conn: PlainConnection,
+        done: Callable[[PlainConnection], None],
+    ) -> None:
+        super().__init__()
+        self._reply = reply
+        self._conn: PlainConnection | None = conn
+        self._done = done
+        self._peer = (conn.host, conn.port)
+        self._got = 0
+        self._original_response = reply  # what requests' cookie handling looks for
+
+    @property
+    def length_remaining(self) -> int | None:
+        """As urllib3's: the bytes ``Content-Length`` says are still to come; ``None`` when
+        chunked or delimited by the close."""
+        return self._reply.length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, amt: int | None = None) -> bytes:
+        if self.closed:
+            return b""
+        reply = self._reply
+        try:
+            if amt is None or amt < 0:
+                data = reply.read()
+            else:
+                data = reply.read(amt)
+                if not data and amt and reply.length:  # http.client says nothing of it
+                    raise IncompleteRead(self._got, reply.length)  # as urllib3 does
+        except BaseException as exc:
+            self.close()
+            raise self._as_urllib3_error(exc) from exc
+        self._got += len(data)
+        if reply.isclosed():  # read to its end: http.client let go of it
+            self._finish()
+        return data
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def isclosed(self) -> bool:
+        return self._conn is None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            conn, self._conn = self._conn, None
+            if conn is not None:  # not read to its end
+                self._reply.close()
+                conn.close()
+        finally:
+            super().close()
+
+    def _finish(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._reply.will_close or conn.sock is None:
+            conn.close()
+        else:
+            self._done(conn)
+
+    def _as_urllib3_error(self, exc: BaseException) -> BaseException:
+        """What urllib3's response raises reading its body (its ``_error_catcher``)."""
+        if isinstance(exc, TimeoutError):
+            return ReadTimeoutError(HTTPConnectionPool(*self._peer), None, "Read timed out.")  # type: ignore[arg-type]
+        if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
+            return ProtocolError(f"Connection broken: {exc!r}", exc)
+        return exc
+
+
 class SessionAdapter(HTTPAdapter):
     """requests' adapter of the worker's session (see the module docstring).
 
@@ -187,9 +289,51 @@ class SessionAdapter(HTTPAdapter):
 
     # --- the plain path ---------------------------------------------------------------------
 
+    def get_raw(
+        self,
+        request: requests.PreparedRequest,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+    ) -> requests.Response:
+        """Send the ``GET`` ``request`` streamed, for a caller that reads its body through
+        ``Response.raw`` only (undecoded, as urllib3's raw reads): the hpull ``GET``
+        (:func:`etl_wsgi.direct_put.stream_get`).  Plain HTTP goes over this adapter's
+        :mod:`http.client` pool, anything else through :meth:`send`."""
+        url = request.url
+        if (
+            not isinstance(url, str)
+            or not url.startswith("http://")
+            or request.body is not None
+            or not (timeout is None or isinstance(timeout, (tuple, int, float)))
+        ):
+            return self.send(
+                request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies={}
+            )
+        key, conn, reply, _ = self._exchange_plain(request, url, None, timeout, read=False)
+        body = _StreamedBody(reply, conn, lambda c: self._checkin(key, c))
+        return self._response(request, url, reply, body)
+
     def _send_plain(
         self, request: requests.PreparedRequest, url: str, body: bytes | None, timeout: Any
     ) -> requests.Response:
+        key, conn, reply, data = self._exchange_plain(request, url, body, timeout, read=True)
+        if reply.will_close or conn.sock is None:
+            conn.close()
+        else:
+            self._checkin(key, conn)
+        return self._response(request, url, reply, data)
+
+    def _exchange_plain(
+        self,
+        request: requests.PreparedRequest,
+        url: str,
+        body: bytes | None,
+        timeout: Any,
+        read: bool,
+    ) -> tuple[tuple[str, int], PlainConnection, http.client.HTTPResponse, bytes]:
+        """``request`` on a pooled (or new) connection: the pool key, the connection, the
+        reply, and its whole body if ``read`` (else ``b""``, the body still to read)."""
         parts = urlsplit(url)
         try:
             host, port = parts.hostname, parts.port or http.client.HTTP_PORT
@@ -206,20 +350,15 @@ class SessionAdapter(HTTPAdapter):
         if conn is None:
             conn = _connect(host, port, connect_timeout, path)
         try:
-            reply, data = _exchange(
-                conn, request.method or "GET", path, body, request.headers, read_timeout
-            )
+            reply = _begin(conn, request.method or "GET", path, body, request.headers, read_timeout)
+            data = reply.read() if read else b""
         except BaseException as exc:
             conn.close()
             error = _as_requests_error(exc, request, host, port, path)
             if error is exc:
                 raise
             raise error from exc
-        if reply.will_close or conn.sock is None:
-            conn.close()
-        else:
-            self._checkin(key, conn)
-        return self._response(request, url, reply, data)
+        return key, conn, reply, data
 
     def _checkout(self, key: tuple[str, int]) -> PlainConnection | None:
         """The most recently used idle connection to ``key`` that is still open, if any."""
@@ -255,28 +394,33 @@ class SessionAdapter(HTTPAdapter):
         request: requests.PreparedRequest,
         url: str,
         reply: http.client.HTTPResponse,
-        data: bytes,
+        content: bytes | _StreamedBody,
     ) -> requests.Response:
-        """A ``requests.Response`` as ``build_response`` makes it, its content already read."""
+        """A ``requests.Response`` as ``build_response`` makes it: ``content`` the body
+        already read (decoded here), or the reader of a streamed one."""
         headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
         for name, value in reply.msg.items():
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        coding = headers.get("Content-Encoding")
-        if coding and coding.lower() != "identity":
-            decoded = HTTPResponse(
-                body=io.BytesIO(data), headers=dict(headers), status=reply.status,
-                decode_content=True, preload_content=True,
-            )  # fmt: skip
-            data = decoded.data
         response = requests.Response()
+        if isinstance(content, _StreamedBody):
+            response.raw = content
+        else:
+            data = content
+            coding = headers.get("Content-Encoding")
+            if coding and coding.lower() != "identity":
+                decoded = HTTPResponse(
+                    body=io.BytesIO(data), headers=dict(headers), status=reply.status,
+                    decode_content=True, preload_content=True,
+                )  # fmt: skip
+                data = decoded.data
+            response.raw = _ReadBody(data, reply)
+            response._content = data
+            response._content_consumed = True  # type: ignore[attr-defined]
         response.status_code = reply.status
         response.headers = headers
         response.encoding = get_encoding_from_headers(headers)
         response.reason = reply.reason
         response.url = url
-        response.raw = _ReadBody(data, reply)
-        response._content = data
-        response._content_consumed = True  # type: ignore[attr-defined]
         if "Set-Cookie" in headers:
             extract_cookies_to_jar(response.cookies, request, response.raw)
         response.request = request
@@ -284,17 +428,17 @@ class SessionAdapter(HTTPAdapter):
         return response
 
 
-def _exchange(
+def _begin(
     conn: PlainConnection,
     method: str,
     path: str,
     body: bytes | None,
     headers: Any,
     read_timeout: Any,
-) -> tuple[http.client.HTTPResponse, bytes]:
-    """One request on ``conn`` and its whole reply."""
+) -> http.client.HTTPResponse:
+    """One request on ``conn``, up to its reply's header block."""
     assert conn.sock is not None
-    conn.sock.settimeout(read_timeout)  # sending the body, then waiting for the reply
+    conn.sock.settimeout(read_timeout)  # sending the body, waiting for the reply, reading it
     try:
         conn.request(method, path, body, headers)
     except OSError as exc:
@@ -302,8 +446,7 @@ def _exchange(
         # whole body; its reply is still there to read.
         if not isinstance(exc, BrokenPipeError) and exc.errno not in _ANSWERED_EARLY:
             raise
-    reply = conn.getresponse()
-    return reply, reply.read()
+    return conn.getresponse()
 
 
 def _as_requests_error(

@@ -1,8 +1,9 @@
 """etl_wsgi.transport: the session's plain-HTTP path, against real servers on 127.0.0.1.
 
-A buffered plain-HTTP PUT goes over the adapter's own http.client pool; these tests pin what
-urllib3 gave before: reuse, liveness checks before reuse, bounded idle pools, the exception
-types and chains, decoded replies, cookies for a customised session.
+A buffered plain-HTTP PUT and the hpull GET (streamed, read through ``raw``) go over the
+adapter's own http.client pool; these tests pin what urllib3 gave before: reuse, liveness
+checks before reuse, bounded idle pools, the exception types, chains and messages, decoded
+(PUT) or raw (GET) replies, cookies for a customised session.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ from collections.abc import Iterator
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from etl_wsgi.config import Settings
-from etl_wsgi.direct_put import NO_HIDDEN_RETRIES, _is_connection_refused, build_session, put
+from etl_wsgi.direct_put import (
+    NO_HIDDEN_RETRIES,
+    _is_connection_refused,
+    build_session,
+    put,
+    stream_get,
+)
 from etl_wsgi.transport import PlainConnection, SessionAdapter
 from tests.fake_target import (
     SECRET_PATH,
@@ -66,10 +74,16 @@ class OneRequestPerConnection:
     block (and its body, if ``read_body``), sends ``reply`` as it is, and closes.  ``closed``
     is set once the server side closed a connection; ``accepted`` counts connections."""
 
-    def __init__(self, connections: int, reply: bytes, read_body: bool = True) -> None:
+    def __init__(
+        self, connections: int, reply: bytes, read_body: bool = True, hold: bool = False
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.closed = threading.Event()
+        self.port = self.listener.getsockname()[1]
+        #: with ``hold``, each connection stays open after the reply until :meth:`close`
+        self.hold = hold
+        self.held: list[socket.socket] = []
         self.accepted = 0
         args = (connections, reply, read_body)
         self.thread = threading.Thread(target=self._serve, args=args, daemon=True)
@@ -79,21 +93,26 @@ class OneRequestPerConnection:
         for _ in range(connections):  # bounded: as many as the test makes
             conn, _ = self.listener.accept()
             self.accepted += 1
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, body = data.partition(b"\r\n\r\n")
-                if read_body:
-                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                    while len(body) < length:
-                        body += conn.recv(65536)
-                conn.sendall(reply)
-            self.closed.set()
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            if read_body:
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+            conn.sendall(reply)
+            if self.hold:
+                self.held.append(conn)
+            else:
+                conn.close()
+                self.closed.set()
 
     def close(self) -> None:
         self.listener.close()
         self.thread.join(5)
+        for conn in self.held:
+            conn.close()
 
 
 #: Keep-alive announced, then the connection closed: the idle pooled connection a target dropped.
@@ -223,3 +242,137 @@ def test_failures_read_as_urllib3s(session, target: FakeTarget, behaviour) -> No
         ours, theirs = (s.split("'Connection aborted.', ")[0] for s in (ours, theirs))
     assert ours == theirs
     assert "Max retries exceeded with url: /a?x=1" in ours
+
+
+# --- the hpull GET: streamed over the same pool, read through ``raw`` -------------------------
+
+
+def _stock() -> requests.Session:
+    """requests as it comes, urllib3 under it, with our no-retry policy: the reference."""
+    stock = requests.Session()
+    stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
+    return stock
+
+
+def test_streamed_gets_share_one_kept_alive_connection(session, target: FakeTarget) -> None:
+    target.objects["/o"] = body = bytes(range(256)) * 400
+    for _ in range(3):
+        resp = stream_get(session, target.url + "/o", TIMEOUT)
+        assert resp.raw.length_remaining == len(body)
+        assert resp.raw.read(10) + resp.raw.read(1 << 20) == body
+        assert resp.raw.length_remaining == 0
+        resp.close()
+    assert len({r.peer_port for r in target.requests}) == 1
+    assert not session.get_adapter(target.url).poolmanager.pools.keys()  # urllib3 unused
+
+
+def test_a_streamed_get_closed_mid_body_is_not_reused(session, target: FakeTarget) -> None:
+    target.objects["/o"] = b"x" * 200_000
+    resp = stream_get(session, target.url + "/o", TIMEOUT)
+    assert resp.raw.read(10) == b"x" * 10
+    resp.close()
+    assert resp.raw.closed and resp.raw.read(10) == b""
+    resp = stream_get(session, target.url + "/o", TIMEOUT)
+    assert resp.raw.read() == b"x" * 200_000
+    resp.close()
+    first, second = target.requests
+    assert first.peer_port != second.peer_port
+
+
+def test_a_streamed_reply_that_closes_is_not_pooled(session, target: FakeTarget) -> None:
+    target.scripts["/o"] = [Reply(200, b"a", {"Connection": "close"}), Reply(200, b"b")]
+    assert stream_get(session, target.url + "/o", TIMEOUT).raw.read() == b"a"
+    assert stream_get(session, target.url + "/o", TIMEOUT).raw.read() == b"b"
+    first, second = target.requests
+    assert first.peer_port != second.peer_port
+
+
+def test_a_streamed_get_goes_out_as_urllib3_sends_it(session, target: FakeTarget) -> None:
+    target.objects["/o"] = b"hello"
+    with _stock() as stock:
+        stock.headers = session.headers
+        stock.get(target.url + "/o", stream=True, timeout=TIMEOUT).close()
+    stream_get(session, target.url + "/o", TIMEOUT).close()
+    theirs, ours = target.requests
+    assert (ours.method, ours.raw_path, ours.headers) == ("GET", "/o", theirs.headers)
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+GZIPPED = gzip.compress(b"hello")
+GZIP_REPLY = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(GZIPPED),
+    GZIPPED,
+)
+
+
+def _ours_then_theirs(
+    session: requests.Session, reply: bytes, timeout: tuple[float, float], hold: bool = False
+) -> Iterator[requests.Response]:
+    """A streamed GET answered with ``reply`` (a raw server's bytes): through ``stream_get``,
+    then through stock requests; each closed once the caller is done with it."""
+    server = OneRequestPerConnection(2, reply, read_body=False, hold=hold)
+    try:
+        with _stock() as stock:
+            for get in (
+                lambda: stream_get(session, server.url, timeout),
+                lambda: stock.get(server.url, stream=True, timeout=timeout),
+            ):
+                resp = get()
+                try:
+                    yield resp
+                finally:
+                    resp.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("reply", "body"), [(CHUNKED, b"hello"), (GZIP_REPLY, GZIPPED)])
+def test_a_streamed_reply_reads_as_urllib3s_raw(session, reply: bytes, body: bytes) -> None:
+    """De-chunked, not decoded (``requests`` decodes in ``iter_content``, not in ``raw``)."""
+    for resp in _ours_then_theirs(session, reply, TIMEOUT):
+        assert resp.raw.length_remaining == (None if reply is CHUNKED else len(body))
+        assert resp.raw.read() == body
+
+
+TRUNCATED = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nshort"
+BAD_CHUNK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["read()", "read(n)"])
+@pytest.mark.parametrize(
+    ("reply", "hold"),
+    [(TRUNCATED, False), (BAD_CHUNK, False), (TRUNCATED, True)],
+    ids=["truncated", "bad-chunk", "read-timeout"],
+)
+def test_streamed_read_failures_read_as_urllib3s(
+    session, reply: bytes, hold: bool, whole: bool
+) -> None:
+    """A reply cut short, broken framing, a target that stops sending: the same exception
+    type and message from ``raw.read`` as urllib3's (the 502's text, PROTOCOL.md §2.6)."""
+    errors = []
+    for resp in _ours_then_theirs(session, reply, (5.0, 0.3), hold):
+        with pytest.raises(Exception) as info:
+            for _ in range(5):  # bounded: the failure comes on the first or second read
+                resp.raw.read() if whole else resp.raw.read(100)
+        errors.append(info.value)
+    ours, theirs = errors
+    assert (type(ours), str(ours)) == (type(theirs), str(theirs))
+    assert isinstance(ours, (ProtocolError, ReadTimeoutError))
+    assert not any(session.get_adapter("http://127.0.0.1")._idle.values())  # not pooled
+
+
+def test_a_refused_streamed_get_keeps_urllib3s_exception_chain(session) -> None:
+    with pytest.raises(requests.ConnectionError) as info:
+        stream_get(session, f"http://127.0.0.1:{closed_port()}/x", TIMEOUT)
+    assert _is_connection_refused(info.value)
+
+
+def test_a_streamed_get_through_another_adapter_is_sent_by_it(target: FakeTarget) -> None:
+    """A user who mounts their own adapter keeps it for the hpull GET."""
+    target.objects["/o"] = b"hello"
+    with build_session(Settings.from_env({"AIS_TARGET_URL": target.url})) as s:
+        mine = HTTPAdapter(max_retries=NO_HIDDEN_RETRIES)
+        s.mount("http://", mine)
+        resp = stream_get(s, target.url + "/o", TIMEOUT)
+        assert resp.connection is mine and resp.raw.read() == b"hello"
+        resp.close()
