@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+from gevent import GreenletExit
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
@@ -376,3 +377,21 @@ def test_a_streamed_get_through_another_adapter_is_sent_by_it(target: FakeTarget
         resp = stream_get(s, target.url + "/o", TIMEOUT)
         assert resp.connection is mine and resp.raw.read() == b"hello"
         resp.close()
+
+
+def test_a_killed_read_closes_the_streamed_reply_and_raises_as_it_is(
+    session, target: FakeTarget
+) -> None:
+    """A greenlet killed mid-read (``GreenletExit``) is not turned into a network error."""
+    target.objects["/o"] = b"x" * 100_000
+    resp = stream_get(session, target.url + "/o", TIMEOUT)
+
+    def killed(*args: object) -> bytes:
+        raise GreenletExit
+
+    resp.raw._reply.read = killed
+    with pytest.raises(GreenletExit) as info:
+        resp.raw.read(10)
+    assert info.value.__cause__ is None
+    assert resp.raw.closed
+    assert not any(session.get_adapter(target.url)._idle.values())
