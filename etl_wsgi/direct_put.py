@@ -100,10 +100,17 @@ def _customised(session: requests.Session) -> bool:
 def _send(
     session: requests.Session, req: requests.PreparedRequest, timeout: Any, stream: bool
 ) -> requests.Response:
-    """``req`` through the session's mounted adapter (its pool), with its TLS settings."""
+    """``req`` through the session's mounted adapter (its pool), with its TLS settings.
+
+    ``stream``: the caller reads the reply through ``resp.raw`` only (the hpull GET), so our
+    adapter sends it over its :mod:`http.client` pool (:meth:`SessionAdapter.get_raw`).
+    """
     assert req.url is not None
     verify = True if session.verify is None else session.verify
-    resp = session.get_adapter(req.url).send(
+    adapter = session.get_adapter(req.url)
+    if stream and isinstance(adapter, SessionAdapter):
+        return adapter.get_raw(req, timeout=timeout, verify=verify, cert=session.cert)
+    resp = adapter.send(
         req, stream=stream, timeout=timeout, verify=verify, cert=session.cert, proxies={}
     )
     if not stream:
@@ -126,9 +133,8 @@ def stream_get(
     through ``session.get``.  Unlike ``session.get``, cookies a target sets are not kept.
 
     The caller reads the reply through ``resp.raw`` only (:class:`etl_wsgi.sources.ResponseReader`),
-    so our adapter sends a plain-HTTP GET over its :mod:`http.client` pool
-    (:meth:`SessionAdapter.get_raw`); another adapter mounted on the session gets it as
-    ``session.get`` would send it.
+    so our adapter sends a plain-HTTP GET over its :mod:`http.client` pool (:func:`_send`);
+    another adapter mounted on the session gets it as ``session.get`` would send it.
     """
     if _customised(session):
         return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
@@ -136,10 +142,6 @@ def stream_get(
     req.method = "GET"
     req.url = url
     req.headers = CaseInsensitiveDict(session.headers)  # type: ignore[arg-type]
-    adapter = session.get_adapter(url)
-    if isinstance(adapter, SessionAdapter):
-        verify = True if session.verify is None else session.verify
-        return adapter.get_raw(req, timeout=timeout, verify=verify, cert=session.cert)
     return _send(session, req, timeout, stream=True)
 
 

@@ -38,7 +38,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import requests
@@ -140,9 +140,9 @@ class _StreamedBody(io.RawIOBase):
     """``Response.raw`` of a streamed plain-path reply (:meth:`SessionAdapter.get_raw`).
 
     Reads the body off the connection as urllib3's raw response does under ``requests``
-    (undecoded).  Read to its end, the body hands the connection to ``done`` (the pool), or
-    closes it when the reply said it would close; closed before that, or failed, the
-    connection is closed: it is mid-reply.
+    (undecoded).  Read to its end, the body hands the connection to ``done``
+    (:meth:`SessionAdapter._release`); closed before that, or failed, the connection is
+    closed: it is mid-reply.
     """
 
     def __init__(
@@ -198,9 +198,6 @@ class _StreamedBody(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def isclosed(self) -> bool:
-        return self._conn is None
-
     def close(self) -> None:
         if self.closed:
             return
@@ -214,11 +211,7 @@ class _StreamedBody(io.RawIOBase):
 
     def _finish(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._reply.will_close or conn.sock is None:
-            conn.close()
-        else:
+        if conn is not None:
             self._done(conn)
 
     def _as_urllib3_error(self, exc: BaseException) -> BaseException:
@@ -273,10 +266,8 @@ class SessionAdapter(HTTPAdapter):
         if (
             stream
             or proxies
-            or not isinstance(url, str)
-            or not url.startswith("http://")
+            or not _goes_plain(url, timeout)
             or not (body is None or type(body) is bytes)
-            or not (timeout is None or isinstance(timeout, (tuple, int, float)))
         ):
             return super().send(
                 request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies
@@ -305,27 +296,19 @@ class SessionAdapter(HTTPAdapter):
         (:func:`etl_wsgi.direct_put.stream_get`).  Plain HTTP goes over this adapter's
         :mod:`http.client` pool, anything else through :meth:`send`."""
         url = request.url
-        if (
-            not isinstance(url, str)
-            or not url.startswith("http://")
-            or request.body is not None
-            or not (timeout is None or isinstance(timeout, (tuple, int, float)))
-        ):
+        if not _goes_plain(url, timeout) or request.body is not None:
             return self.send(
                 request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies={}
             )
         key, conn, reply, _ = self._exchange_plain(request, url, None, timeout, read=False)
-        body = _StreamedBody(reply, conn, lambda c: self._checkin(key, c))
+        body = _StreamedBody(reply, conn, lambda c: self._release(key, c, reply))
         return self._response(request, url, reply, body)
 
     def _send_plain(
         self, request: requests.PreparedRequest, url: str, body: bytes | None, timeout: Any
     ) -> requests.Response:
         key, conn, reply, data = self._exchange_plain(request, url, body, timeout, read=True)
-        if reply.will_close or conn.sock is None:
-            conn.close()
-        else:
-            self._checkin(key, conn)
+        self._release(key, conn, reply)
         return self._response(request, url, reply, data)
 
     def _exchange_plain(
@@ -376,6 +359,16 @@ class SessionAdapter(HTTPAdapter):
             if conn.sock is not None and not wait_for_read(conn.sock, timeout=0.0):
                 return conn
             conn.close()
+
+    def _release(
+        self, key: tuple[str, int], conn: PlainConnection, reply: http.client.HTTPResponse
+    ) -> None:
+        """``conn``, its ``reply`` read whole: back to the pool, unless the reply said the
+        connection closes (or it did)."""
+        if reply.will_close or conn.sock is None:
+            conn.close()
+        else:
+            self._checkin(key, conn)
 
     def _checkin(self, key: tuple[str, int], conn: PlainConnection) -> None:
         evicted: list[PlainConnection] = []
@@ -430,6 +423,16 @@ class SessionAdapter(HTTPAdapter):
         response.request = request
         response.connection = self
         return response
+
+
+def _goes_plain(url: object, timeout: Any) -> TypeGuard[str]:
+    """Whether a request to ``url`` with ``timeout`` can take the plain path (plain HTTP, a
+    timeout :mod:`http.client` understands); the callers add what they need of the body."""
+    return (
+        isinstance(url, str)
+        and url.startswith("http://")
+        and (timeout is None or isinstance(timeout, (tuple, int, float)))
+    )
 
 
 def _begin(

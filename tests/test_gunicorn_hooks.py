@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 from gunicorn.config import Config
+from gunicorn.errors import AppImportError
 
 from etl_wsgi import gunicorn_hooks
-from etl_wsgi.config import Settings
+from etl_wsgi.config import ConfigError, Settings
 from etl_wsgi.gunicorn_hooks import (
     LOG_FORMAT,
     GunicornLogger,
@@ -451,8 +453,6 @@ def test_module_logger_name() -> None:
 @pytest.fixture
 def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
     """This process as gunicorn worker ``age`` 1 (``post_fork``); SIGTERM's handler restored."""
-    import signal
-
     worker = SimpleNamespace(age=1, alive=True, booted=False)
     monkeypatch.setattr(gunicorn_hooks, "_worker", None)
     gunicorn_hooks.post_fork(None, worker)
@@ -462,8 +462,6 @@ def as_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
 
 
 def test_app_load_error_outside_a_worker_is_the_error_itself(monkeypatch) -> None:
-    from etl_wsgi.config import ConfigError
-
     monkeypatch.setattr(gunicorn_hooks, "_worker", None)
     exc = ConfigError("ETL_CLASS: bad")
     assert gunicorn_hooks.app_load_error(exc) is exc
@@ -471,10 +469,6 @@ def test_app_load_error_outside_a_worker_is_the_error_itself(monkeypatch) -> Non
 
 def test_app_load_error_after_the_boot_is_the_error_itself(as_worker) -> None:
     """``create_app`` called by a serving worker (an app of the user's): no wait, SIGTERM kept."""
-    import signal
-
-    from etl_wsgi.config import ConfigError
-
     as_worker.age, as_worker.booted = 2, True
     handler = signal.getsignal(signal.SIGTERM)
     exc = ConfigError("ETL_CLASS: bad")
@@ -483,20 +477,12 @@ def test_app_load_error_after_the_boot_is_the_error_itself(as_worker) -> None:
 
 
 def test_app_load_error_in_the_first_worker_is_gunicorns_app_import_error(as_worker) -> None:
-    from gunicorn.errors import AppImportError
-
-    from etl_wsgi.config import ConfigError
-
     error = gunicorn_hooks.app_load_error(ConfigError("ETL_CLASS: bad"))
     assert isinstance(error, ConfigError) and isinstance(error, AppImportError)
     assert str(error) == "etl-wsgi: ETL_CLASS: bad"  # what gunicorn prints, alone
 
 
 def test_app_load_error_in_a_later_worker_waits_for_the_halt(as_worker, monkeypatch) -> None:
-    import signal
-
-    from etl_wsgi.config import ConfigError
-
     as_worker.age, as_worker.alive = 2, False  # the master's SIGTERM came first
     error = gunicorn_hooks.app_load_error(ConfigError("ETL_CLASS: bad"))
     assert isinstance(error, SystemExit) and error.code == 0  # quietly: the master halts

@@ -54,6 +54,13 @@ def session(target: FakeTarget) -> Iterator[requests.Session]:
         yield s
 
 
+def _stock() -> requests.Session:
+    """requests as it comes, urllib3 under it, with our no-retry policy: the reference."""
+    stock = requests.Session()
+    stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
+    return stock
+
+
 def test_buffered_puts_share_one_kept_alive_connection(session, target: FakeTarget) -> None:
     for i in range(5):
         resp = put(session, f"{target.url}/o{i}", b"x" * i, {}, TIMEOUT)
@@ -130,8 +137,7 @@ def test_an_early_reply_is_read_as_urllib3_reads_it(session) -> None:
     server = OneRequestPerConnection(6, EARLY_413, read_body=False)
     body = b"x" * (8 << 20)  # far more than the socket buffers take
     try:
-        with requests.Session() as stock:
-            stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
+        with _stock() as stock:
             for _ in range(3):
                 theirs = stock.put(server.url + "/a", data=body, timeout=TIMEOUT)
                 ours = put(session, server.url + "/a", body, {}, TIMEOUT)
@@ -228,8 +234,7 @@ def test_failures_read_as_urllib3s(session, target: FakeTarget, behaviour) -> No
         else target.url + "/a?x=1"
     )
     errors = []
-    with requests.Session() as stock:
-        stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
+    with _stock() as stock:
         for send in (lambda: put(session, url, b"x", {}, TIMEOUT), lambda: stock.put(url, b"x")):
             target.script = [] if behaviour == "refused" else [behaviour]
             with pytest.raises(requests.ConnectionError) as info:
@@ -246,13 +251,6 @@ def test_failures_read_as_urllib3s(session, target: FakeTarget, behaviour) -> No
 
 
 # --- the hpull GET: streamed over the same pool, read through ``raw`` -------------------------
-
-
-def _stock() -> requests.Session:
-    """requests as it comes, urllib3 under it, with our no-retry policy: the reference."""
-    stock = requests.Session()
-    stock.mount("http://", HTTPAdapter(max_retries=NO_HIDDEN_RETRIES))
-    return stock
 
 
 def test_streamed_gets_share_one_kept_alive_connection(session, target: FakeTarget) -> None:
